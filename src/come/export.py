@@ -1,0 +1,145 @@
+"""Turning a compressed in-memory model into a standard checkpoint folder.
+
+The folder is written under a temporary name beside the target and renamed at
+the end, so a failed or interrupted run never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import OutputExists
+
+PLAN_FILE = "come_plan.json"
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "come": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def finalize_model(ctx) -> None:
+    """Make the config and per-layer indices agree with the layer list."""
+    config, adapter = ctx.model.config, ctx.adapter
+    firsts = [rec["covers"][0] for rec in ctx.records]
+    original = sum(len(rec["covers"]) for rec in ctx.records)
+    for name in adapter.per_layer_lists:
+        values = getattr(config, name, None)
+        if isinstance(values, list) and len(values) == original:
+            setattr(config, name, [values[i] for i in firsts])
+    for name in adapter.layer_count_fields:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            setattr(config, name, sum(1 for i in firsts if i < value))
+    config.num_hidden_layers = len(firsts)
+    # The KV cache is indexed by layer_idx, so generation needs them renumbered.
+    for idx, layer in enumerate(adapter.layers(ctx.model)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = idx
+
+
+def build_plan(ctx, *, method: str, source: dict, original_layers: int, original_params: int, ratio, seconds: float) -> dict:
+    from .pipeline import count_parameters
+    from .data import describe_source
+
+    opts = ctx.options
+    final_params = count_parameters(ctx.model)
+    return {
+        "format": "come-plan/1",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": method,
+        "model": source,
+        "family": ctx.adapter.family,
+        "original_layers": original_layers,
+        "final_layers": ctx.num_layers,
+        "original_parameters": original_params,
+        "final_parameters": final_params,
+        "removed_parameter_fraction": 1 - final_params / original_params,
+        "requested_ratio": ratio,
+        "options": dataclasses.asdict(opts),
+        "calibration": {
+            "source": {"name": "tokens", "kind": "pre-tokenized"} if opts.calib == "tokens" else describe_source(opts.calib, "calib"),
+            "nsamples": int(ctx.tokens.shape[0]),
+            "seqlen": int(ctx.tokens.shape[1]),
+            "tokens": int(ctx.tokens.numel()),
+            "seed": opts.seed,
+        },
+        "layers": [{"index": k, **rec} for k, rec in enumerate(ctx.records)],
+        "steps": ctx.steps,
+        "versions": versions(),
+        "seconds": round(seconds, 2),
+    }
+
+
+def prepare_output(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise OutputExists(f"output folder {out} exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"output path {out} exists and is not a folder")
+    return out
+
+
+def _model_card(plan: dict) -> str:
+    rows = "\n".join(
+        f"| {layer['index']} | {', '.join(map(str, layer['covers']))} | {'merged' if layer['merged'] else 'kept'} |"
+        for layer in plan["layers"]
+    )
+    calib = plan["calibration"]
+    return f"""---
+library_name: transformers
+tags: [come, layer-merging, depth-pruning]
+---
+# {plan['model'].get('name', 'model')} compressed with `come` ({plan['method']})
+
+{plan['original_layers']} -> {plan['final_layers']} decoder layers,
+{plan['original_parameters']:,} -> {plan['final_parameters']:,} parameters
+({plan['removed_parameter_fraction']:.1%} removed). A standard checkpoint: load it with
+`AutoModelForCausalLM.from_pretrained(path)`, no custom code.
+
+Calibration: {calib['nsamples']} x {calib['seqlen']} tokens from `{calib['source'].get('name')}`, seed {calib['seed']}.
+The full plan (sources of every layer, channels kept, scores at every step) is in `{PLAN_FILE}`.
+
+| layer | original layers it stands for | how |
+|---|---|---|
+{rows}
+"""
+
+
+def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False) -> Path:
+    out = prepare_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+        (tmp / "README.md").write_text(_model_card(plan))
+        trash = None
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+        os.replace(tmp, out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

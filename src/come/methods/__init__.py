@@ -1,0 +1,49 @@
+"""Registry of depth-compression methods.
+
+A method is a callable `run(ctx, target_layers) -> None` that edits
+`ctx.model` through the context's `merge_window` / `remove_layers` helpers
+until it has `target_layers` decoder layers, recording what it did in
+`ctx.steps`. Registering one is a decorator in its own module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, Protocol
+
+from ..errors import ComeError
+
+
+class MethodFn(Protocol):
+    def __call__(self, ctx, target_layers: int) -> None: ...
+
+
+METHODS: dict[str, MethodFn] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
+    def wrap(fn: MethodFn) -> MethodFn:
+        METHODS[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def get_method(name: str) -> MethodFn:
+    _load_all()
+    if name not in METHODS:
+        raise ComeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def available_methods() -> dict[str, str]:
+    _load_all()
+    return dict(sorted(DESCRIPTIONS.items()))

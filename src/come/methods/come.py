@@ -1,0 +1,87 @@
+"""CoMe: progressive concatenation-based merging of the most redundant adjacent layers."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from ..errors import MergeError
+from ..merging import Selection, largest_remainder, merge_layers, top_channels
+from . import register
+
+
+def choose_window(ctx, size: int):
+    """(start, SBI of every window, BI of every layer) for the next merge."""
+    cache = ctx.cache
+    bi = cache.block_influence()
+    sbi = cache.window_distance(size, all_tokens=ctx.options.sbi_tokens == "all")
+    eligible = [
+        i
+        for i in range(len(sbi))
+        if ctx.options.allow_remerge or not any(r["merged"] for r in ctx.records[i : i + size])
+    ]
+    if not eligible:
+        raise MergeError(
+            f"no window of {size} layers without an earlier merge is left at {ctx.num_layers} layers; "
+            "pass --allow-remerge or ask for fewer removed layers"
+        )
+    start = min(eligible, key=lambda i: (sbi[i].item(), i))
+    return start, sbi, bi
+
+
+def merge_step(ctx, start: int, size: int, bi):
+    """Merge layers start..start+size-1 into one layer of the original width."""
+    cfg, adapter = ctx.config, ctx.adapter
+    window = list(range(start, start + size))
+    ratios = [bi[k].item() for k in window]
+    total = sum(ratios)
+    ratios = [r / total for r in ratios] if total > 0 else [1 / size] * size
+    group_budget = largest_remainder(ratios, adapter.kv_groups(cfg))
+    neuron_budget = largest_remainder(ratios, cfg.intermediate_size)
+    selections, kept = [], []
+    for k, n_groups, n_neurons in zip(window, group_budget, neuron_budget):
+        attn_score, ffn_score = ctx.cache.channel_sensitivity(k)
+        sel = Selection(top_channels(attn_score, n_groups), top_channels(ffn_score, n_neurons))
+        selections.append(sel)
+        kept.append(
+            {
+                "layer": k,
+                "covers": ctx.records[k]["covers"],
+                "ratio": ratios[window.index(k)],
+                "kv_groups": sel.kv_groups.tolist(),
+                "neurons": sel.neurons.tolist(),
+            }
+        )
+    layers = adapter.layers(ctx.model)
+    merged = merge_layers(
+        adapter,
+        cfg,
+        [layers[k] for k in window],
+        selections,
+        ratios,
+        norm=ctx.options.norm,
+        layer_idx=ctx.records[start]["covers"][0],
+    )
+    return merged, {"norm": ctx.options.norm, "sources": kept}
+
+
+@register("come", "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels")
+def run(ctx, target_layers: int) -> None:
+    total = ctx.num_layers - target_layers
+    with tqdm(total=total, desc="merging layers", unit="layer", disable=not ctx.options.progress) as bar:
+        while ctx.num_layers > target_layers:
+            # A window of m layers removes m-1; shrink the last one to land on the target.
+            size = min(ctx.options.merge_size, ctx.num_layers - target_layers + 1)
+            start, sbi, bi = choose_window(ctx, size)
+            merged, record = merge_step(ctx, start, size, bi)
+            ctx.steps.append(
+                {
+                    "step": len(ctx.steps),
+                    "layers_before": ctx.num_layers,
+                    "window": [start, start + size - 1],
+                    "covers": [c for r in ctx.records[start : start + size] for c in r["covers"]],
+                    "sbi": [round(v, 6) for v in sbi.tolist()],
+                    "bi": [round(v, 6) for v in bi.tolist()],
+                }
+            )
+            ctx.merge_window(start, merged, size, record)
+            bar.update(size - 1)

@@ -1,0 +1,208 @@
+"""The compression driver: target resolution, the shared context methods work on, and `compress()`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import data as data_mod
+from .adapters import Adapter, adapter_for
+from .errors import InvalidTarget
+from .models import LoadedModel, load_model
+from .scoring import BoundaryCache
+
+
+# -- targets ----------------------------------------------------------------
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def layer_parameters(adapter: Adapter, model: nn.Module) -> int:
+    return sum(p.numel() for p in adapter.layers(model)[0].parameters())
+
+
+def resolve_target(model: nn.Module, adapter: Adapter, ratio: float | None, target_layers: int | None) -> int:
+    """Number of decoder layers to keep."""
+    num_layers = len(adapter.layers(model))
+    if (ratio is None) == (target_layers is None):
+        raise InvalidTarget("give exactly one of --ratio or --target-layers")
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise InvalidTarget(f"--ratio must be in (0, 1), got {ratio}")
+        per_layer, total = layer_parameters(adapter, model), count_parameters(model)
+        remove = round(ratio * total / per_layer)
+        if remove < 1:
+            smallest = 0.5 * per_layer / total
+            raise InvalidTarget(
+                f"--ratio {ratio} removes no layer (one layer is {per_layer / total:.1%} of the parameters; "
+                f"use at least {smallest:.3f})"
+            )
+        target_layers = num_layers - remove
+        if target_layers < 1:
+            raise InvalidTarget(
+                f"--ratio {ratio} would remove every layer (the {num_layers} decoder layers hold "
+                f"{num_layers * per_layer / total:.1%} of the parameters)"
+            )
+    assert target_layers is not None
+    if target_layers >= num_layers:
+        raise InvalidTarget(f"--target-layers {target_layers} removes no layer: the model has {num_layers}")
+    if target_layers < 1:
+        raise InvalidTarget(f"--target-layers {target_layers} would remove every layer; keep at least 1")
+    return target_layers
+
+
+# -- context shared by all methods --------------------------------------------
+@dataclass
+class CompressionOptions:
+    calib: str = "wikipedia"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    merge_size: int = 2
+    allow_remerge: bool = False
+    norm: str = "fold"
+    sbi_tokens: str = "last"  # or "all"
+    incremental: bool = True  # False reruns every layer after each merge (reference mode)
+    progress: bool = True
+
+
+@dataclass
+class CompressionContext:
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    tokens: torch.Tensor
+    options: CompressionOptions
+    # For every current layer: the original layers it stands for, and the merge that made it.
+    records: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+    _cache: BoundaryCache | None = None
+
+    def __post_init__(self):
+        if not self.records:
+            self.records = [{"covers": [i], "merged": False, "merge": None} for i in range(self.num_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def describe(self, k: int) -> str:
+        covers = self.records[k]["covers"]
+        return f"layer {k} (original {covers[0]})" if len(covers) == 1 else f"layer {k} (original {covers[0]}-{covers[-1]})"
+
+    @property
+    def cache(self) -> BoundaryCache:
+        if self._cache is None:
+            self._cache = BoundaryCache(
+                self.model,
+                self.adapter,
+                self.tokens,
+                batch_size=self.options.batch_size,
+                progress=self.options.progress,
+                layer_name=self.describe,
+            )
+        return self._cache
+
+    def refresh(self, start: int) -> None:
+        # Lazy: the next score recomputes; the reference mode reruns every layer.
+        self.cache.invalidate_from(start if self.options.incremental else 0)
+
+    def merge_window(self, start: int, new_layer: nn.Module, size: int, merge_record: dict) -> None:
+        """Replace layers start..start+size-1 by `new_layer` and update the cache from `start` on."""
+        layers = self.adapter.layers(self.model)
+        new_layers = list(layers[:start]) + [new_layer] + list(layers[start + size :])
+        self.adapter.set_layers(self.model, new_layers)
+        covers = [c for r in self.records[start : start + size] for c in r["covers"]]
+        self.records[start : start + size] = [{"covers": covers, "merged": True, "merge": merge_record}]
+        kwargs_of_first = self.cache.layer_kwargs[start]
+        self.cache.layer_kwargs[start : start + size] = [kwargs_of_first]
+        self.refresh(start)
+
+    def remove_layers(self, removed: list[int]) -> None:
+        """Delete layers; each removed span is accounted to the kept layer before it (or after, at the start)."""
+        removed = sorted(set(removed))
+        keep = [k for k in range(self.num_layers) if k not in removed]
+        if not keep:
+            raise InvalidTarget("cannot remove every layer")
+        for k in removed:
+            owner = max([j for j in keep if j < k], default=min(keep))
+            self.records[owner]["covers"] = sorted(self.records[owner]["covers"] + self.records[k]["covers"])
+        layers = self.adapter.layers(self.model)
+        self.adapter.set_layers(self.model, [layers[k] for k in keep])
+        self.records = [self.records[k] for k in keep]
+        if self._cache is not None:
+            self._cache.layer_kwargs = [self._cache.layer_kwargs[k] for k in keep]
+            self.refresh(min(removed))
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    tokenizer: object
+    plan: dict
+    out_dir: Path | None = None
+
+
+def compress(
+    model: str | LoadedModel | None = None,
+    *,
+    ratio: float | None = None,
+    target_layers: int | None = None,
+    method: str = "come",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    device: str = "cpu",
+    tokens: torch.Tensor | None = None,
+    **options,
+) -> CompressionResult:
+    """Compress a causal LM to fewer decoder layers; optionally write it to `out`.
+
+    `model` is a folder, a .gguf file, a hub id, an already loaded `LoadedModel`
+    or None for the embedded default. `tokens` ([n, seqlen] ids) replaces the
+    calibration source. `options` are `CompressionOptions` fields.
+    """
+    from .export import build_plan, finalize_model, prepare_output, save_compressed
+    from .methods import get_method
+
+    opts = CompressionOptions(**options)
+    run = get_method(method)
+    out_dir = prepare_output(out, overwrite) if out is not None else None  # fail fast, before any work
+    started = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    adapter = adapter_for(loaded.model.config)
+    original_layers = len(adapter.layers(loaded.model))
+    original_params = count_parameters(loaded.model)
+    target = resolve_target(loaded.model, adapter, ratio, target_layers)
+    if tokens is None:
+        tokens = data_mod.calibration_tokens(loaded.tokenizer, opts.calib, opts.nsamples, opts.seqlen, seed=opts.seed)
+    else:
+        opts.calib, (opts.nsamples, opts.seqlen) = "tokens", tuple(tokens.shape)
+    torch.manual_seed(opts.seed)
+    ctx = CompressionContext(loaded.model, loaded.tokenizer, adapter, tokens, opts)
+    run(ctx, target)
+    finalize_model(ctx)
+    plan = build_plan(
+        ctx,
+        method=method,
+        source=loaded.source,
+        original_layers=original_layers,
+        original_params=original_params,
+        ratio=ratio,
+        seconds=time.perf_counter() - started,
+    )
+    ctx._cache = None  # release the calibration activations before writing
+    result = CompressionResult(ctx.model, loaded.tokenizer, plan)
+    if out_dir is not None:
+        result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite)
+    return result

@@ -1,0 +1,208 @@
+"""Calibration pass and every score computed from it.
+
+`BoundaryCache` keeps the hidden state at every layer boundary (h_0 = the
+input of layer 0, h_l = the output of layer l-1) for the whole calibration set.
+Scores that compare boundaries (block influence, window distance) read the
+cache; channel sensitivities rerun just the layer asked for. After a merge only
+the layers from the merge point on are rerun, since everything before it is
+unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter
+from .errors import NonFiniteActivations
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, all_layers: bool):
+    """Run the model's own forward and record what each decoder layer receives.
+
+    Returns (hidden state entering layer 0, [kwargs of layer l]). Taking the
+    attention mask and rotary embeddings from the model itself keeps every
+    family's quirks (sliding windows, embedding scaling) out of this code.
+    """
+    layers = adapter.layers(model)
+    captured: dict[int, dict] = {}
+    first_input: list[torch.Tensor] = []
+    last = len(layers) - 1 if all_layers else 0
+
+    def make_hook(idx):
+        def hook(module, args, kwargs):
+            if idx == 0:
+                first_input.append(args[0] if args else kwargs["hidden_states"])
+            captured[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if idx == last:
+                raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return first_input[0], [captured[i] for i in range(last + 1)]
+
+
+class BoundaryCache:
+    """Hidden states h_0..h_L of the calibration set for the model's current layers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        tokens: torch.Tensor,
+        batch_size: int = 8,
+        storage_dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        layer_name: Callable[[int], str] | None = None,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.tokens = tokens
+        self.batch_size = max(1, int(batch_size))
+        self.storage_dtype = storage_dtype
+        self.progress = progress
+        self.layer_name = layer_name or (lambda k: f"layer {k}")
+        self.device = next(model.parameters()).device
+        self.compute_dtype = next(model.parameters()).dtype
+        self.layers_run = 0  # counts decoder-layer passes over the whole set (for benchmarks)
+
+        # Layer kwargs depend only on the sequence shape (no padding in
+        # calibration), so one single-sequence capture serves every batch.
+        with torch.no_grad():
+            _, kwargs = _capture_layer_inputs(model, adapter, tokens[:1].to(self.device), all_layers=True)
+        # kwargs of original layer l; a merged layer uses those of its first source.
+        self.layer_kwargs: list[dict] = kwargs
+        n, s = tokens.shape
+        hidden = model.config.hidden_size
+        self.h: list[torch.Tensor] = [torch.empty(n, s, hidden, dtype=storage_dtype)]
+        with torch.no_grad():
+            for b0 in range(0, n, self.batch_size):
+                x, _ = _capture_layer_inputs(model, adapter, tokens[b0 : b0 + self.batch_size].to(self.device), False)
+                self.h[0][b0 : b0 + x.shape[0]] = x.to(storage_dtype).cpu()
+        self.recompute_from(0)
+
+    # -- execution ----------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    def _batches(self):
+        n = self.tokens.shape[0]
+        return [(b0, min(n, b0 + self.batch_size)) for b0 in range(0, n, self.batch_size)]
+
+    @torch.no_grad()
+    def run_layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.adapter.layers(self.model)[k]
+        out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
+        return out[0] if isinstance(out, tuple) else out
+
+    def invalidate_from(self, start: int) -> None:
+        """Layers from `start` on changed: h_{start+1}.. are recomputed when next needed."""
+        del self.h[start + 1 :]
+
+    def ensure_fresh(self) -> None:
+        if len(self.h) < self.num_layers + 1:
+            self.recompute_from(len(self.h) - 1)
+
+    @torch.no_grad()
+    def recompute_from(self, start: int) -> None:
+        """Recompute h_{start+1}..h_L by running layers start..L-1."""
+        num = self.num_layers
+        del self.h[start + 1 :]
+        steps = tqdm(
+            range(start, num),
+            desc="calibration pass",
+            unit="layer",
+            disable=not self.progress,
+            leave=False,
+        )
+        for k in steps:
+            out = torch.empty_like(self.h[k])
+            for b0, b1 in self._batches():
+                y = self.run_layer(k, self.h[k][b0:b1])
+                if not torch.isfinite(y).all():
+                    raise NonFiniteActivations(
+                        f"non-finite activations (NaN/Inf) at the output of {self.layer_name(k)}"
+                    )
+                out[b0:b1] = y.to(self.storage_dtype).cpu()
+            self.h.append(out)
+            self.layers_run += 1
+
+    # -- scores ---------------------------------------------------------------
+    def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+
+    def block_influence(self) -> torch.Tensor:
+        """BI_l = mean over tokens of 1 - clamp(cos(h_l, h_{l+1}), 0, 1)."""
+        self.ensure_fresh()
+        scores = []
+        for l in range(self.num_layers):
+            total = 0.0
+            for b0, b1 in self._batches():
+                cos = self._cosine(self.h[l][b0:b1], self.h[l + 1][b0:b1])
+                total += (1 - cos.clamp(0, 1)).double().sum().item()
+            scores.append(total / (self.tokens.numel()))
+        return torch.tensor(scores, dtype=torch.float64)
+
+    def window_distance(self, size: int, all_tokens: bool = False) -> torch.Tensor:
+        """SBI_i = arccos(clamp(cos(h_i, h_{i+size}), -1, 1)) / pi for every window start i."""
+        self.ensure_fresh()
+        starts = self.num_layers - size + 1
+        scores = []
+        for i in range(starts):
+            a, b = self.h[i], self.h[i + size]
+            if not all_tokens:
+                a, b = a[:, -1:], b[:, -1:]
+            cos = self._cosine(a, b).clamp(-1, 1).double()
+            scores.append((torch.arccos(cos) / math.pi).mean().item())
+        return torch.tensor(scores, dtype=torch.float64)
+
+    @torch.no_grad()
+    def channel_sensitivity(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per KV-group attention sensitivity and per-neuron FFN sensitivity of layer k.
+
+        Each channel c read by a projection W gets mean_t |x_{t,c}| * ||W[:, c]||_1;
+        a KV group's score is the mean over the o_proj input channels of its
+        query heads (HF pairing: query head q belongs to group q // reps).
+        """
+        self.ensure_fresh()
+        layer = self.adapter.layers(self.model)[k]
+        o_proj, down = self.adapter.o_proj(layer), self.adapter.down_proj(layer)
+        sums = {}
+
+        def accumulate(name):
+            def hook(module, args):
+                x = args[0].detach().float().abs()
+                sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0).double()
+            return hook
+
+        handles = [o_proj.register_forward_pre_hook(accumulate("o")), down.register_forward_pre_hook(accumulate("down"))]
+        try:
+            for b0, b1 in self._batches():
+                self.run_layer(k, self.h[k][b0:b1])
+        finally:
+            for h in handles:
+                h.remove()
+        ntok = self.tokens.numel()
+        o_score = (sums["o"] / ntok) * o_proj.weight.detach().double().abs().sum(0).cpu()
+        ffn_score = (sums["down"] / ntok) * down.weight.detach().double().abs().sum(0).cpu()
+        cfg = self.model.config
+        group_width = self.adapter.queries_per_group(cfg) * self.adapter.head_dim(cfg)
+        attn_score = o_score.reshape(-1, group_width).mean(1)
+        return attn_score, ffn_score.cpu()
+

@@ -1,0 +1,60 @@
+"""Scores computed from the boundary cache agree with direct computations."""
+
+import math
+
+import pytest
+import torch
+
+from come.adapters import adapter_for
+from come.errors import NonFiniteActivations
+from come.scoring import BoundaryCache
+from come.testing import tiny_model, tiny_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@torch.no_grad()
+def test_cache_matches_model_hidden_states(family):
+    model = tiny_model(family)
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False)
+    hidden = model(tokens, output_hidden_states=True).hidden_states
+    for l in range(model.config.num_hidden_layers):  # the model's last entry is after the final norm
+        torch.testing.assert_close(cache.h[l], hidden[l], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_scores_match_definitions():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    adapter = adapter_for(model.config)
+    cache = BoundaryCache(model, adapter, tokens, progress=False)
+    h = cache.h
+    bi = cache.block_influence()
+    cos = torch.nn.functional.cosine_similarity(h[3], h[4], dim=-1)
+    assert bi[3].item() == pytest.approx((1 - cos.clamp(0, 1)).mean().item(), rel=1e-5)
+    sbi = cache.window_distance(2)
+    cos = torch.nn.functional.cosine_similarity(h[1][:, -1], h[3][:, -1], dim=-1).clamp(-1, 1)
+    assert sbi[1].item() == pytest.approx((torch.arccos(cos) / math.pi).mean().item(), rel=1e-5)
+    assert len(cache.window_distance(3, all_tokens=True)) == model.config.num_hidden_layers - 2
+
+    # Channel sensitivity of layer 2 against a hand computation.
+    layer = adapter.layers(model)[2]
+    seen = {}
+    hook_o = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))
+    hook_d = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("d", a[0]))
+    layer(h[2], **cache.layer_kwargs[2])
+    hook_o.remove(), hook_d.remove()
+    attn, ffn = cache.channel_sensitivity(2)
+    ffn_ref = seen["d"].abs().mean((0, 1)) * layer.mlp.down_proj.weight.abs().sum(0)
+    torch.testing.assert_close(ffn.float(), ffn_ref, rtol=1e-4, atol=1e-7)
+    o_ref = seen["o"].abs().mean((0, 1)) * layer.self_attn.o_proj.weight.abs().sum(0)
+    width = model.config.head_dim * 2  # 4 query heads over 2 KV groups
+    torch.testing.assert_close(attn.float(), o_ref.reshape(2, width).mean(1), rtol=1e-4, atol=1e-7)
+
+
+@torch.no_grad()
+def test_non_finite_activation_names_the_layer():
+    model = tiny_model("llama")
+    adapter_for(model.config).layers(model)[4].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivations, match="layer 4"):
+        BoundaryCache(model, adapter_for(model.config), tiny_tokens(), progress=False)
