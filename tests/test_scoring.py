@@ -58,3 +58,18 @@ def test_non_finite_activation_names_the_layer():
     adapter_for(model.config).layers(model)[4].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteActivations, match="layer 4"):
         BoundaryCache(model, adapter_for(model.config), tiny_tokens(), progress=False)
+
+
+@torch.no_grad()
+def test_loss_through_current_stack_is_the_model_loss():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False)
+    expected = model(tokens, labels=tokens).loss.item()
+    for start in (0, 3):
+        assert cache.loss_through(start, cache.current_stack(start)) == pytest.approx(expected, rel=1e-5)
+    # Skipping a layer changes it.
+    assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-5)
+    # A subset of samples is the loss on those samples.
+    sub = model(tokens[:4], labels=tokens[:4]).loss.item()
+    assert cache.loss_through(0, cache.current_stack(0), samples=4) == pytest.approx(sub, rel=1e-5)

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -87,6 +89,10 @@ def compress(
     allow_remerge: bool = typer.Option(False, help="Allow windows that contain an already merged layer."),
     norm: NormMode = typer.Option(NormMode.fold, help="RMSNorm gains: fold into the maps they feed (exact) or mean."),
     sbi_tokens: SbiTokens = typer.Option(SbiTokens.last, help="Tokens used for window distance: last or all."),
+    granularity: int = typer.Option(20, min=1, help="come-p: channel-ratio grid steps (G+1 candidates per merge)."),
+    search_samples: Optional[int] = typer.Option(
+        None, min=1, help="Calibration sequences used by loss/similarity searches (come-p, sleb, laco); default all."
+    ),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
@@ -114,12 +120,58 @@ def compress(
             allow_remerge=allow_remerge,
             norm=norm.value,
             sbi_tokens=sbi_tokens.value,
+            granularity=granularity,
+            search_samples=search_samples,
             progress=not quiet,
         )
     except _user_errors() as exc:
         _fail(str(exc))
     if not quiet:
         print_summary(result.plan, result.out_dir)
+
+
+@app.command("eval")
+def eval_command(
+    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id. Default: embedded SmolLM2-135M."),
+    ppl: str = typer.Option("wikipedia,lambada", help="Perplexity sources (comma list; 'none' to skip): wikipedia | lambada | file | HF dataset."),
+    tasks: str = typer.Option("all", help=f"Zero-shot tasks: all ({','.join(PAPER_TASKS)}), a comma list, or none."),
+    limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task (quick runs); written into the results."),
+    seqlen: int = typer.Option(512, min=2, help="Perplexity window length (non-overlapping windows)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Evaluate at most this many perplexity tokens per source."),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    speed: bool = typer.Option(False, help="Also measure prefill and decode tokens/s."),
+    online: bool = typer.Option(False, help="Use lm-eval's standard hub tasks instead of the offline copies."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number, versions, seed and limit here."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate a model: perplexity, zero-shot accuracy (lm-evaluation-harness) and speed."""
+    try:
+        from .evaluate import evaluate, parse_list, print_report
+        from .export import write_json_atomic
+
+        result = evaluate(
+            model,
+            ppl_sources=parse_list(ppl, ("wikipedia", "lambada")),
+            tasks=parse_list(tasks, PAPER_TASKS),
+            limit=limit,
+            seqlen=seqlen,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            speed=speed,
+            offline=not online,
+            dtype=dtype,
+            device=device,
+            progress=not quiet,
+        )
+        if json_path is not None:
+            write_json_atomic(json_path, result)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    print_report(result)
 
 
 @app.command()

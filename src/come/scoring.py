@@ -143,6 +143,42 @@ class BoundaryCache:
             self.h.append(out)
             self.layers_run += 1
 
+    # -- what-if passes (posterior searches and loss-based baselines) -----------
+    def current_stack(self, start: int) -> list[tuple[nn.Module, dict]]:
+        """(layer, kwargs) of the current layers start..L-1."""
+        layers = self.adapter.layers(self.model)
+        return [(layers[k], self.layer_kwargs[k]) for k in range(start, self.num_layers)]
+
+    @torch.no_grad()
+    def run_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None):
+        """Yield (batch slice, output) of feeding boundary h_start through `stack`, batch by batch."""
+        self.ensure_fresh()
+        for b0, b1 in self._batches():
+            if samples is not None and b0 >= samples:
+                break
+            b1 = b1 if samples is None else min(b1, samples)
+            x = self.h[start][b0:b1].to(self.device, self.compute_dtype)
+            for layer, kwargs in stack:
+                out = layer(x, **kwargs)
+                x = out[0] if isinstance(out, tuple) else out
+            yield slice(b0, b1), x
+
+    @torch.no_grad()
+    def loss_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None) -> float:
+        """Mean next-token cross-entropy of the calibration set with h_start fed through `stack`,
+        then the final norm and LM head: the model's loss if `stack` replaced layers start..L-1."""
+        norm = self.model.get_submodule(self.adapter.final_norm_path)
+        head = self.model.get_submodule(self.adapter.lm_head_path)
+        total, count = 0.0, 0
+        for rows, x in self.run_through(start, stack, samples):
+            logits = head(norm(x))[:, :-1].float()
+            labels = self.tokens[rows, 1:].to(logits.device)
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+            ).item()
+            count += labels.numel()
+        return total / count
+
     # -- scores ---------------------------------------------------------------
     def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)

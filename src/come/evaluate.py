@@ -1,0 +1,133 @@
+"""`come eval`: perplexity, zero-shot accuracy (lm-evaluation-harness) and speed of one model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import ComeError
+
+
+@torch.no_grad()
+def measure_speed(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and decode throughput (tokens/s), best of `repeats`, on random token ids.
+
+    Decode time is a greedy `generate()` of exactly `new_tokens` tokens (KV
+    cache on) minus one prefill, so dense and compressed models do equal work.
+    """
+    device = model.get_input_embeddings().weight.device
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    prefill, decode = [], []
+    model(ids[:, :8], use_cache=False)  # warm-up
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids, use_cache=True)
+        prefill.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id,
+        )
+        # generate = one prefill + new_tokens - 1 cached decode steps
+        decode.append(max(1e-9, time.perf_counter() - start - prefill[-1]))
+    return {
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_tokens_per_s": batch_size * prompt_len / min(prefill),
+        "decode_tokens_per_s": batch_size * (new_tokens - 1) / min(decode),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def parse_list(value: str | None, all_values: tuple[str, ...]) -> list[str]:
+    if value is None or value.strip().lower() in ("", "none"):
+        return []
+    if value.strip().lower() == "all":
+        return list(all_values)
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def evaluate(
+    model_dir: str | None,
+    ppl_sources: list[str],
+    tasks: list[str],
+    limit: int | None = None,
+    seqlen: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    speed: bool = False,
+    offline: bool = True,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Evaluate one model; returns a json-able dict with every number and its settings."""
+    from .data import eval_tokens
+    from .export import PLAN_FILE, versions
+    from .models import load_model
+    from .perplexity import perplexity
+
+    if limit is not None and limit < 1:
+        raise ComeError(f"--limit must be >= 1, got {limit}")
+    torch.manual_seed(seed)
+    loaded = load_model(model_dir, dtype=dtype, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    result: dict = {
+        "model": loaded.source,
+        "layers": model.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "seed": seed,
+        "limit": limit,
+        "versions": versions(),
+        "perplexity": {},
+    }
+    plan_path = Path(loaded.source.get("path", "")) / PLAN_FILE
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        result["plan"] = {k: plan.get(k) for k in ("method", "original_layers", "final_layers", "removed_parameter_fraction")}
+    for source in ppl_sources:
+        tokens = eval_tokens(tokenizer, source, max_tokens=max_tokens)
+        result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
+    if tasks:
+        from .tasks import zero_shot
+
+        result["zero_shot"] = zero_shot(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, seed=seed, offline=offline)
+    if speed:
+        result["speed"] = measure_speed(model, seed=seed)
+    return result
+
+
+def print_report(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    name = result["model"].get("name") or result["model"].get("path")
+    table = Table(title=f"come eval: {name} ({result['layers']} layers, {result['parameters']:,} params)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("details")
+    for source, r in result["perplexity"].items():
+        table.add_row(f"ppl {source}", f"{r['ppl']:.3f}", f"{r['tokens']} tokens, seqlen {r['seqlen']}")
+    zs = result.get("zero_shot")
+    if zs:
+        for task, r in zs["tasks"].items():
+            acc_norm = "-" if r.get("acc_norm") is None else f"{r['acc_norm']:.4f}"
+            table.add_row(task, f"{r[r['average_metric']]:.4f}", f"acc {r['acc']:.4f}, acc_norm {acc_norm}, n={r['n']} ({r['average_metric']} averaged)")
+        table.add_row("average", f"{zs['average']:.4f}", f"limit {zs.get('limit')}")
+    if "speed" in result:
+        s = result["speed"]
+        table.add_row("prefill tok/s", f"{s['prefill_tokens_per_s']:.1f}", f"batch {s['batch_size']}, prompt {s['prompt_len']}")
+        table.add_row("decode tok/s", f"{s['decode_tokens_per_s']:.1f}", f"{s['new_tokens']} new tokens, KV cache")
+    console.print(table)

@@ -1,0 +1,83 @@
+"""End-to-end CLI runs on a tiny model saved with the real SmolLM2 tokenizer."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
+
+from come.cli import app
+from come.testing import tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), num_hidden_layers=6)
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def _compress(*args):
+    return runner.invoke(app, ["compress", *map(str, args), "--nsamples", "4", "--seqlen", "32", "-q"])
+
+
+def test_compress_then_eval(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _compress(tiny_dir, "--target-layers", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    plan = json.loads((out / "come_plan.json").read_text())
+    assert plan["calibration"]["tokens"] == 4 * 32 and plan["calibration"]["source"]["name"] == "wikipedia"
+
+    report = tmp_path / "eval.json"
+    result = runner.invoke(
+        app, ["eval", str(out), "--ppl", "wikipedia", "--max-tokens", "300", "--seqlen", "64", "--tasks", "none", "--json", str(report), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(report.read_text())
+    assert numbers["perplexity"]["wikipedia"]["tokens"] == 300 - 5  # 4 full windows + one of 44, one token less each
+    assert numbers["layers"] == 4 and numbers["plan"]["method"] == "come"
+
+
+def _assert_clean_failure(result, out, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], result.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_inputs_fail_cleanly(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    _assert_clean_failure(_compress(tmp_path / "missing", "--ratio", "0.3", "--out", out), out, "no such model folder")
+    _assert_clean_failure(_compress(tiny_dir, "--ratio", "1.5", "--out", out), out, "(0, 1)")
+    _assert_clean_failure(_compress(tiny_dir, "--target-layers", "0", "--out", out), out, "every layer")
+    _assert_clean_failure(_compress(tiny_dir, "--target-layers", "6", "--out", out), out, "removes no layer")
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(gpt2)
+    _assert_clean_failure(_compress(gpt2, "--target-layers", "1", "--out", out), out, "supported families")
+
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    _assert_clean_failure(_compress(tiny_dir, "--target-layers", "4", "--calib", short, "--out", out), out, "requested")
+
+
+def test_existing_output_is_refused(tiny_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    result = _compress(tiny_dir, "--target-layers", "5", "--out", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert list(out.iterdir()) == []
+
+
+def test_help_and_methods():
+    result = runner.invoke(app, ["compress", "--help"])
+    assert result.exit_code == 0 and "--ratio" in result.output and "--allow-remerge" in result.output
+    result = runner.invoke(app, ["methods"])
+    assert "come" in result.output and "shortgpt" in result.output
