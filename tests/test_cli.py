@@ -81,3 +81,15 @@ def test_help_and_methods():
     assert result.exit_code == 0 and "--ratio" in result.output and "--allow-remerge" in result.output
     result = runner.invoke(app, ["methods"])
     assert "come" in result.output and "shortgpt" in result.output
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "laco"])
+def test_other_methods_through_the_cli(tiny_dir, tmp_path, method):
+    out = tmp_path / method
+    result = runner.invoke(
+        app, ["compress", str(tiny_dir), "--method", method, "--target-layers", "4", "--merge-size", "3",
+              "--nsamples", "4", "--seqlen", "32", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "layers 6 -> 4" in result.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4

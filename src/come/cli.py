@@ -51,11 +51,10 @@ def print_summary(plan: dict, out_dir: Optional[Path]) -> None:
     table.add_column("kept KV groups / neurons per source")
     for layer in plan["layers"]:
         merge = layer.get("merge")
-        detail = (
-            ", ".join(f"L{s['covers'][0]}: {len(s['kv_groups'])}/{len(s['neurons'])}" for s in merge["sources"])
-            if merge
-            else "-"
-        )
+        if merge and "sources" in merge:
+            detail = ", ".join(f"L{s['covers'][0]}: {len(s['kv_groups'])}/{len(s['neurons'])}" for s in merge["sources"])
+        else:  # kept layer, or a merge rule without channel selection (laco)
+            detail = merge.get("rule", "merged") if merge else "-"
         table.add_row(str(layer["index"]), ",".join(map(str, layer["covers"])), detail)
     console = Console(stderr=True)
     console.print(table)
@@ -174,6 +173,110 @@ def eval_command(
     print_report(result)
 
 
+def _floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated numbers, got {value!r}")
+
+
+def _method_options(items: list[str]) -> dict[str, dict]:
+    import json
+
+    from .pipeline import CompressionOptions
+
+    known = set(CompressionOptions.__dataclass_fields__)
+    options: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name):
+            _fail(f"--set takes METHOD.OPTION=VALUE, got {item!r}")
+        if name not in known:
+            _fail(f"--set {item!r}: unknown option {name!r}; known: {', '.join(sorted(known))}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options.setdefault(method, {})[name] = value
+    return options
+
+
+def _command_line(prefix: str, ctx: typer.Context) -> str:
+    """The invocation, rebuilt from the parsed parameters (independent of how it was launched)."""
+    import shlex
+
+    parts = [prefix]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == [] or param.name == "quiet":
+            continue
+        value = getattr(value, "value", value)
+        if param.param_type_name == "argument":
+            parts.append(shlex.quote(str(value)))
+        elif isinstance(value, bool):
+            parts.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):
+            parts += [f"{param.opts[0]} {shlex.quote(str(v))}" for v in value]
+        else:
+            parts.append(f"{param.opts[0]} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+@app.command()
+def bench(
+    click_context: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished cells found there are skipped."),
+    methods: str = typer.Option("dense,come,shortgpt", help="Comma list of methods; 'dense' is the uncompressed reference."),
+    ratios: str = typer.Option("0.1,0.2,0.3", help="Comma list of parameter fractions to remove."),
+    ppl: str = typer.Option("wikipedia,lambada", help="Perplexity sources, or none."),
+    tasks: str = typer.Option("all", help="Zero-shot tasks: all, a comma list, or none."),
+    limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
+    ppl_max_tokens: Optional[int] = typer.Option(None, help="Perplexity tokens per source (default: all)."),
+    seqlen: int = typer.Option(512, min=2, help="Perplexity window and calibration sequence length."),
+    nsamples: int = typer.Option(32, min=1, help="Calibration sequences for every method."),
+    search_samples: Optional[int] = typer.Option(None, help="Calibration sequences for loss-based searches (come-p, sleb)."),
+    granularity: int = typer.Option(20, min=1, help="come-p ratio grid size."),
+    batch_size: int = typer.Option(8, min=1),
+    seed: int = typer.Option(0),
+    keep_models: bool = typer.Option(False, help="Keep compressed checkpoints (default: delete after evaluation)."),
+    set_option: list[str] = typer.Option(
+        [], "--set", help="Per-method compress option, METHOD.OPTION=VALUE (e.g. laco.merge_size=4); repeatable."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Compress and evaluate every (method, ratio) cell; write results.md, results.csv and results.png."""
+    try:
+        from .bench import run_bench
+        from .evaluate import parse_list
+
+        rows = run_bench(
+            model,
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
+            ratios=_floats(ratios, "--ratios"),
+            out=out,
+            ppl_sources=parse_list(ppl, ("wikipedia", "lambada")),
+            tasks=parse_list(tasks, PAPER_TASKS),
+            limit=limit,
+            ppl_max_tokens=ppl_max_tokens,
+            seqlen=seqlen,
+            batch_size=batch_size,
+            seed=seed,
+            keep_models=keep_models,
+            compress_options={
+                "nsamples": nsamples, "seqlen": seqlen, "search_samples": search_samples, "granularity": granularity,
+            },
+            method_options=_method_options(set_option),
+            progress=not quiet,
+            command=_command_line("come bench", click_context),
+        )
+    except _user_errors() as exc:
+        _fail(str(exc))
+    typer.echo((out / "results.md").read_text())
+    typer.echo(f"{len(rows)} cells; results in {out}")
+
+
 @app.command()
 def methods() -> None:
     """List the compression methods."""
@@ -181,6 +284,64 @@ def methods() -> None:
 
     for name, description in available_methods().items():
         typer.echo(f"{name:12s} {description}")
+
+
+@app.command("distill")
+def distill_command(
+    compressed: Path = typer.Argument(..., help="Folder written by `come compress` (the student)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; work state in OUT.partial/)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher model. Default: the original model named in come_plan.json."),
+    data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset."),
+    tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (per layer and epoch in stage 1)."),
+    seqlen: int = typer.Option(512, min=2, help="Tokens per training sequence."),
+    epochs: int = typer.Option(1, min=1, help="Stage-1 passes over the tokens."),
+    layers: str = typer.Option("merged", help="Stage-1 layers: merged (stand for >1 original layer) | all | none."),
+    loss: str = typer.Option("mse", help="Stage-1 loss: mse (normalised) | cosine | kl (through the teacher's final norm and head)."),
+    lr: float = typer.Option(1e-4, help="Stage-1 peak learning rate."),
+    cache_dtype: str = typer.Option("bfloat16", help="Teacher hidden-state cache on disk: float32 | bfloat16 | float16."),
+    global_steps: int = typer.Option(0, min=0, help="Stage-2 (end-to-end logit KD) optimizer steps; 0 skips stage 2."),
+    global_lr: float = typer.Option(2e-5, help="Stage-2 peak learning rate."),
+    temperature: float = typer.Option(1.0, help="KD temperature."),
+    hidden_weight: float = typer.Option(1.0, help="Stage-2 weight of the hidden-state alignment loss."),
+    train: str = typer.Option("merged", help="Stage-2 trainable parameters: merged layers | all."),
+    gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
+    warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
+    weight_decay: float = typer.Option(0.0),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping; 0 disables it."),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+    workers: int = typer.Option(1, min=1, help="Processes (torch.distributed: gloo on CPU, nccl on GPU); ignored under torchrun."),
+    save_every: int = typer.Option(50, min=1, help="Checkpoint every this many optimizer steps."),
+    resume: bool = typer.Option(False, help="Continue the unfinished run in OUT.partial/ from its last checkpoints."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder and discard an unfinished run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+) -> None:
+    """Distil a compressed model from its original: per-layer (stage 1), then optionally end to end (stage 2)."""
+    try:
+        from .distill import distill
+
+        summary = distill(
+            compressed, out, teacher=teacher, data=data, tokens=tokens, resume=resume, overwrite=overwrite,
+            seqlen=seqlen, epochs=epochs, layers=layers, loss=loss, lr=lr, cache_dtype=cache_dtype,
+            global_steps=global_steps, global_lr=global_lr, temperature=temperature, hidden_weight=hidden_weight,
+            train=train, gradient_checkpointing=gradient_checkpointing, warmup=warmup, batch_size=batch_size,
+            grad_accum=grad_accum, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
+            device=device, workers=workers, save_every=save_every, progress=not quiet,
+        )
+    except _user_errors() as exc:
+        _fail(str(exc))
+    if quiet or not summary:  # ranks other than 0 under torchrun return nothing
+        return
+    for k, layer in (summary["stage1"] or {}).get("layers", {}).items():
+        typer.echo(f"stage 1 layer {k} (original {layer['covers'][0]}-{layer['covers'][-1]}): "
+                   f"loss {layer['initial_loss']:.4g} -> {layer['final_loss']:.4g} in {layer['steps']} steps", err=True)
+    if summary["stage2"]:
+        s2 = summary["stage2"]
+        typer.echo(f"stage 2: KD loss {s2['initial_loss']:.4g} -> {s2['final_loss']:.4g} in {s2['steps']} steps", err=True)
+    typer.echo(f"{summary['seconds']:.1f} s, written to {summary['out']}", err=True)
 
 
 def main() -> None:

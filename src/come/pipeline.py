@@ -70,6 +70,15 @@ class CompressionOptions:
     sbi_tokens: str = "last"  # or "all"
     incremental: bool = True  # False reruns every layer after each merge (reference mode)
     progress: bool = True
+    # come-p: the first layer's channel share is searched over {0, 1/G, ..., 1}.
+    granularity: int = 20
+    # Calibration sequences used by the what-if searches (come-p, sleb, laco); None = all.
+    search_samples: int | None = None
+    # laco: similarity thresholds tried from high to low until one reaches the target,
+    # the step down after an accepted merge, and the lowest layer a merge may start at.
+    laco_thresholds: tuple = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+    laco_interval: int = 2
+    laco_min_layer: int = 1
 
 
 @dataclass

@@ -28,18 +28,34 @@ def choose_window(ctx, size: int):
     return start, sbi, bi
 
 
+def bi_ratios(bi, start: int, size: int) -> list[float]:
+    """Channel shares of layers start..start+size-1, proportional to their block influence."""
+    ratios = [bi[k].item() for k in range(start, start + size)]
+    total = sum(ratios)
+    return [r / total for r in ratios] if total > 0 else [1 / size] * size
+
+
 def merge_step(ctx, start: int, size: int, bi):
     """Merge layers start..start+size-1 into one layer of the original width."""
+    return merge_with_ratios(ctx, start, size, bi_ratios(bi, start, size))
+
+
+def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivities: dict | None = None):
+    """Merge layers start..start+size-1, giving layer start+i the channel share ratios[i].
+
+    `sensitivities` ({layer: channel_sensitivity(layer)}) saves recomputing them
+    when the same window is merged with several ratio vectors.
+    """
     cfg, adapter = ctx.config, ctx.adapter
     window = list(range(start, start + size))
-    ratios = [bi[k].item() for k in window]
-    total = sum(ratios)
-    ratios = [r / total for r in ratios] if total > 0 else [1 / size] * size
     group_budget = largest_remainder(ratios, adapter.kv_groups(cfg))
     neuron_budget = largest_remainder(ratios, cfg.intermediate_size)
     selections, kept = [], []
     for k, n_groups, n_neurons in zip(window, group_budget, neuron_budget):
-        attn_score, ffn_score = ctx.cache.channel_sensitivity(k)
+        if sensitivities is not None and k in sensitivities:
+            attn_score, ffn_score = sensitivities[k]
+        else:
+            attn_score, ffn_score = ctx.cache.channel_sensitivity(k)
         sel = Selection(top_channels(attn_score, n_groups), top_channels(ffn_score, n_neurons))
         selections.append(sel)
         kept.append(

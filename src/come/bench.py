@@ -1,0 +1,186 @@
+"""`come bench`: compress + evaluate a grid of (method, ratio) cells, resumably, into one table and plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .errors import ComeError
+from .export import write_json_atomic
+
+DENSE = "dense"
+
+
+def cell_name(method: str, ratio: float) -> str:
+    return DENSE if method == DENSE else f"{method}-r{ratio:g}"
+
+
+def run_bench(
+    model: str | None,
+    methods: list[str],
+    ratios: list[float],
+    out: Path,
+    ppl_sources: list[str],
+    tasks: list[str],
+    limit: int | None = None,
+    ppl_max_tokens: int | None = None,
+    seqlen: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    keep_models: bool = False,
+    compress_options: dict | None = None,
+    method_options: dict[str, dict] | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> list[dict]:
+    """Run every cell not already finished under `out/cells/`; return all rows."""
+    from .evaluate import evaluate
+    from .methods import get_method
+    from .pipeline import compress
+
+    for method in methods:
+        if method != DENSE:
+            get_method(method)  # unknown names fail before any work
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise ComeError(f"--ratios must be values in (0, 1), got {ratios}")
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    cells = [(m, 0.0) for m in methods if m == DENSE] + [(m, r) for r in ratios for m in methods if m != DENSE]
+    settings = {
+        "model": model,
+        "ppl": ppl_sources,
+        "tasks": tasks,
+        "limit": limit,
+        "ppl_max_tokens": ppl_max_tokens,
+        "seqlen": seqlen,
+        "seed": seed,
+        "compress_options": compress_options or {},
+        "method_options": method_options or {},
+    }
+    for method, ratio in cells:
+        name = cell_name(method, ratio)
+        cell_file = out / "cells" / f"{name}.json"
+        if cell_file.is_file():
+            previous = json.loads(cell_file.read_text())
+            if previous.get("settings") == settings:
+                print(f"[bench] {name}: done already, skipped", flush=True)
+                continue
+        print(f"[bench] {name}", flush=True)
+        model_dir, compress_seconds, plan = model, None, None
+        if method != DENSE:
+            model_dir = out / "models" / name
+            start = time.perf_counter()
+            try:
+                result = compress(
+                    model, ratio=ratio, method=method, out=model_dir, overwrite=True, seed=seed,
+                    progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
+                )
+            except ComeError as exc:  # e.g. no eligible window: a result too, keep going
+                print(f"[bench] {name}: failed: {exc}", flush=True)
+                row = {"method": method, "ratio": ratio, "error": str(exc)}
+                write_json_atomic(cell_file, {"settings": settings, "row": row})
+                continue
+            compress_seconds = time.perf_counter() - start
+            plan = result.plan
+            del result
+        evaluation = evaluate(
+            str(model_dir) if model_dir is not None else None,
+            ppl_sources=ppl_sources,
+            tasks=tasks,
+            limit=limit,
+            seqlen=seqlen,
+            max_tokens=ppl_max_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+        )
+        if method != DENSE and not keep_models:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        row = {
+            "method": method,
+            "ratio": ratio,
+            "layers": evaluation["layers"],
+            "parameters": evaluation["parameters"],
+            "removed_fraction": plan["removed_parameter_fraction"] if plan else 0.0,
+            "compress_seconds": round(compress_seconds, 1) if compress_seconds is not None else None,
+        }
+        for source, r in evaluation["perplexity"].items():
+            row[f"ppl_{source}"] = r["ppl"]
+        zs = evaluation.get("zero_shot")
+        if zs:
+            for task, r in zs["tasks"].items():
+                row[task] = r[r["average_metric"]]
+            row["avg_acc"] = zs["average"]
+        write_json_atomic(cell_file, {"settings": settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None})
+
+    rows = []
+    for method, ratio in cells:
+        cell_file = out / "cells" / f"{cell_name(method, ratio)}.json"
+        rows.append(json.loads(cell_file.read_text())["row"])
+    write_tables(rows, out, settings, command)
+    plot(rows, out / "results.png")
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path, settings: dict, command: str) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def fmt(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+        return str(value)
+
+    lines = [
+        "# come bench results",
+        "",
+        f"Command: `{command}`" if command else "",
+        "",
+        f"Settings: `{json.dumps(settings)}`",
+        "",
+        "Average accuracy: acc_norm for arc_challenge, hellaswag, openbookqa; acc for the others.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    metrics = [k for k in keys if k.startswith("ppl_")] + (["avg_acc"] if "avg_acc" in keys else [])
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    dense = next((r for r in rows if r["method"] == DENSE), None)
+    for ax, metric in zip(axes[0], metrics):
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != DENSE):
+            pts = sorted(
+                (r["removed_fraction"], r[metric]) for r in rows if r["method"] == method and r.get(metric) is not None
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        if dense is not None and dense.get(metric) is not None:
+            ax.axhline(dense[metric], color="black", linestyle="--", label="dense")
+        ax.set_xlabel("fraction of parameters removed")
+        ax.set_ylabel(metric)
+        if metric.startswith("ppl_"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,34 @@
+"""`come bench` on a tiny model: every cell, resumability, tables and plot."""
+
+import json
+
+from typer.testing import CliRunner
+
+from come.cli import app
+from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
+
+runner = CliRunner()
+
+
+def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "bench"
+    args = [
+        "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco", "--ratios", "0.005,0.01",  # one layer is ~0.5% of this tiny model
+        "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4",
+        "--set", "laco.merge_size=3", "-q",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(p.read_text())["row"] for p in sorted((out / "cells").glob("*.json"))]
+    assert len(rows) == 1 + 3 * 2
+    assert {r["method"] for r in rows} == {"dense", "come", "shortgpt", "laco"}
+    assert all(r.get("ppl_wikipedia", 0) > 1 for r in rows)
+    csv = (out / "results.csv").read_text().splitlines()
+    assert len(csv) == 1 + 7 and (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0
+    assert not (out / "models").exists() or not any((out / "models").iterdir())
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("skipped") == 7
+
+    bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--set", "laco.nope=1"])
+    assert bad.exit_code == 2 and "unknown option" in bad.output
