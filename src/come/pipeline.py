@@ -12,8 +12,9 @@ import torch.nn as nn
 from . import data as data_mod
 from .adapters import Adapter, adapter_for
 from .errors import InvalidTarget
-from .models import LoadedModel, load_model
-from .scoring import BoundaryCache
+from .activations import BoundaryStore
+from .models import LoadedModel, load_model, parse_dtype
+from .scoring import BoundaryCache, ModelLayers
 
 
 # -- targets ----------------------------------------------------------------
@@ -69,6 +70,11 @@ class CompressionOptions:
     norm: str = "fold"
     sbi_tokens: str = "last"  # or "all"
     incremental: bool = True  # False reruns every layer after each merge (reference mode)
+    # Calibration activations: their dtype (scores are accumulated in float32 regardless),
+    # where they live (auto: disk when they would fill over half of free memory) and the disk folder.
+    activation_dtype: str = "float32"
+    activation_storage: str = "auto"
+    cache_dir: str | None = None
     progress: bool = True
     # come-p: the first layer's channel share is searched over {0, 1/G, ..., 1}.
     granularity: int = 20
@@ -91,15 +97,21 @@ class CompressionContext:
     # For every current layer: the original layers it stands for, and the merge that made it.
     records: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
+    # Access to the decoder layers (the model's own by default; `LazyLayers` in layer-wise mode)
+    # and where calibration boundaries are kept (RAM by default).
+    layers: ModelLayers | None = None
+    store: BoundaryStore | None = None
     _cache: BoundaryCache | None = None
 
     def __post_init__(self):
+        if self.layers is None:
+            self.layers = ModelLayers(self.model, self.adapter)
         if not self.records:
             self.records = [{"covers": [i], "merged": False, "merge": None} for i in range(self.num_layers)]
 
     @property
     def num_layers(self) -> int:
-        return len(self.adapter.layers(self.model))
+        return len(self.layers)
 
     @property
     def config(self):
@@ -119,6 +131,9 @@ class CompressionContext:
                 batch_size=self.options.batch_size,
                 progress=self.options.progress,
                 layer_name=self.describe,
+                storage_dtype=parse_dtype(self.options.activation_dtype),
+                layers=self.layers,
+                store=self.store,
             )
         return self._cache
 
@@ -128,9 +143,7 @@ class CompressionContext:
 
     def merge_window(self, start: int, new_layer: nn.Module, size: int, merge_record: dict) -> None:
         """Replace layers start..start+size-1 by `new_layer` and update the cache from `start` on."""
-        layers = self.adapter.layers(self.model)
-        new_layers = list(layers[:start]) + [new_layer] + list(layers[start + size :])
-        self.adapter.set_layers(self.model, new_layers)
+        self.layers.replace(start, size, new_layer)
         covers = [c for r in self.records[start : start + size] for c in r["covers"]]
         self.records[start : start + size] = [{"covers": covers, "merged": True, "merge": merge_record}]
         kwargs_of_first = self.cache.layer_kwargs[start]
@@ -146,8 +159,7 @@ class CompressionContext:
         for k in removed:
             owner = max([j for j in keep if j < k], default=min(keep))
             self.records[owner]["covers"] = sorted(self.records[owner]["covers"] + self.records[k]["covers"])
-        layers = self.adapter.layers(self.model)
-        self.adapter.set_layers(self.model, [layers[k] for k in keep])
+        self.layers.keep(keep)
         self.records = [self.records[k] for k in keep]
         if self._cache is not None:
             self._cache.layer_kwargs = [self._cache.layer_kwargs[k] for k in keep]

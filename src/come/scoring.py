@@ -11,12 +11,14 @@ unchanged.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .activations import BoundaryStore
 from .adapters import Adapter
 from .errors import NonFiniteActivations
 
@@ -57,6 +59,55 @@ def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.T
     return first_input[0], [captured[i] for i in range(last + 1)]
 
 
+class ModelLayers:
+    """Decoder layers of a model held in memory: its own ModuleList.
+
+    The layer-wise mode swaps in `layerwise.LazyLayers` (same interface), which
+    materialises one layer at a time from the checkpoint; the code that scores
+    and merges layers only goes through this interface.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter):
+        self.model, self.adapter = model, adapter
+
+    def __len__(self) -> int:
+        return len(self.adapter.layers(self.model))
+
+    def __getitem__(self, k: int) -> nn.Module:
+        return self.adapter.layers(self.model)[k]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def replace(self, start: int, size: int, new_layer: nn.Module) -> None:
+        layers = self.adapter.layers(self.model)
+        self.adapter.set_layers(self.model, list(layers[:start]) + [new_layer] + list(layers[start + size :]))
+
+    def keep(self, indices: list[int]) -> None:
+        layers = self.adapter.layers(self.model)
+        self.adapter.set_layers(self.model, [layers[k] for k in indices])
+
+    def capture(self):
+        """Context in which the model's own forward can run up to its decoder layers."""
+        return nullcontext()
+
+    @contextmanager
+    def head(self):
+        """(final norm, LM head) for the duration of the context."""
+        yield self.model.get_submodule(self.adapter.final_norm_path), self.model.get_submodule(self.adapter.lm_head_path)
+
+    def release(self) -> None:
+        pass
+
+
 class BoundaryCache:
     """Hidden states h_0..h_L of the calibration set for the model's current layers."""
 
@@ -69,28 +120,31 @@ class BoundaryCache:
         storage_dtype: torch.dtype = torch.float32,
         progress: bool = True,
         layer_name: Callable[[int], str] | None = None,
+        layers: ModelLayers | None = None,
+        store: BoundaryStore | None = None,
     ):
         self.model = model
         self.adapter = adapter
+        self.layers = layers if layers is not None else ModelLayers(model, adapter)
+        self.store = store if store is not None else BoundaryStore("ram")
         self.tokens = tokens
         self.batch_size = max(1, int(batch_size))
         self.storage_dtype = storage_dtype
         self.progress = progress
         self.layer_name = layer_name or (lambda k: f"layer {k}")
-        self.device = next(model.parameters()).device
-        self.compute_dtype = next(model.parameters()).dtype
+        self.device = self.layers.device
+        self.compute_dtype = self.layers.dtype
         self.layers_run = 0  # counts decoder-layer passes over the whole set (for benchmarks)
 
         # Layer kwargs depend only on the sequence shape (no padding in
         # calibration), so one single-sequence capture serves every batch.
-        with torch.no_grad():
-            _, kwargs = _capture_layer_inputs(model, adapter, tokens[:1].to(self.device), all_layers=True)
-        # kwargs of original layer l; a merged layer uses those of its first source.
-        self.layer_kwargs: list[dict] = kwargs
         n, s = tokens.shape
-        hidden = model.config.hidden_size
-        self.h: list[torch.Tensor] = [torch.empty(n, s, hidden, dtype=storage_dtype)]
-        with torch.no_grad():
+        with torch.no_grad(), self.layers.capture():
+            _, kwargs = _capture_layer_inputs(model, adapter, tokens[:1].to(self.device), all_layers=True)
+            # kwargs of original layer l; a merged layer uses those of its first source.
+            self.layer_kwargs: list[dict] = kwargs
+            # Boundaries are tensors in RAM or `DiskBoundary` files; both are read by row ranges.
+            self.h: list = [self.store.new((n, s, model.config.hidden_size), storage_dtype)]
             for b0 in range(0, n, self.batch_size):
                 x, _ = _capture_layer_inputs(model, adapter, tokens[b0 : b0 + self.batch_size].to(self.device), False)
                 self.h[0][b0 : b0 + x.shape[0]] = x.to(storage_dtype).cpu()
@@ -99,7 +153,7 @@ class BoundaryCache:
     # -- execution ----------------------------------------------------------
     @property
     def num_layers(self) -> int:
-        return len(self.adapter.layers(self.model))
+        return len(self.layers)
 
     def _batches(self):
         n = self.tokens.shape[0]
@@ -107,7 +161,7 @@ class BoundaryCache:
 
     @torch.no_grad()
     def run_layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        layer = self.adapter.layers(self.model)[k]
+        layer = self.layers[k]
         out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
         return out[0] if isinstance(out, tuple) else out
 
@@ -132,7 +186,7 @@ class BoundaryCache:
             leave=False,
         )
         for k in steps:
-            out = torch.empty_like(self.h[k])
+            out = self.store.new(self.h[k].shape, self.storage_dtype)
             for b0, b1 in self._batches():
                 y = self.run_layer(k, self.h[k][b0:b1])
                 if not torch.isfinite(y).all():
@@ -146,8 +200,7 @@ class BoundaryCache:
     # -- what-if passes (posterior searches and loss-based baselines) -----------
     def current_stack(self, start: int) -> list[tuple[nn.Module, dict]]:
         """(layer, kwargs) of the current layers start..L-1."""
-        layers = self.adapter.layers(self.model)
-        return [(layers[k], self.layer_kwargs[k]) for k in range(start, self.num_layers)]
+        return [(self.layers[k], self.layer_kwargs[k]) for k in range(start, self.num_layers)]
 
     @torch.no_grad()
     def run_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None):
@@ -167,16 +220,15 @@ class BoundaryCache:
     def loss_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None) -> float:
         """Mean next-token cross-entropy of the calibration set with h_start fed through `stack`,
         then the final norm and LM head: the model's loss if `stack` replaced layers start..L-1."""
-        norm = self.model.get_submodule(self.adapter.final_norm_path)
-        head = self.model.get_submodule(self.adapter.lm_head_path)
         total, count = 0.0, 0
-        for rows, x in self.run_through(start, stack, samples):
-            logits = head(norm(x))[:, :-1].float()
-            labels = self.tokens[rows, 1:].to(logits.device)
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-            ).item()
-            count += labels.numel()
+        with self.layers.head() as (norm, head):
+            for rows, x in self.run_through(start, stack, samples):
+                logits = head(norm(x))[:, :-1].float()
+                labels = self.tokens[rows, 1:].to(logits.device)
+                total += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+                ).item()
+                count += labels.numel()
         return total / count
 
     # -- scores ---------------------------------------------------------------
@@ -201,11 +253,15 @@ class BoundaryCache:
         starts = self.num_layers - size + 1
         scores = []
         for i in range(starts):
-            a, b = self.h[i], self.h[i + size]
-            if not all_tokens:
-                a, b = a[:, -1:], b[:, -1:]
-            cos = self._cosine(a, b).clamp(-1, 1).double()
-            scores.append((torch.arccos(cos) / math.pi).mean().item())
+            # Batch by batch (boundaries may be on disk); the mean is taken over all of them at once.
+            angles = []
+            for b0, b1 in self._batches():
+                a, b = self.h[i][b0:b1], self.h[i + size][b0:b1]
+                if not all_tokens:
+                    a, b = a[:, -1:], b[:, -1:]
+                cos = self._cosine(a, b).clamp(-1, 1).double()
+                angles.append(torch.arccos(cos) / math.pi)
+            scores.append(torch.cat(angles).mean().item())
         return torch.tensor(scores, dtype=torch.float64)
 
     @torch.no_grad()
@@ -217,7 +273,7 @@ class BoundaryCache:
         query heads (HF pairing: query head q belongs to group q // reps).
         """
         self.ensure_fresh()
-        layer = self.adapter.layers(self.model)[k]
+        layer = self.layers[k]
         o_proj, down = self.adapter.o_proj(layer), self.adapter.down_proj(layer)
         sums = {}
 

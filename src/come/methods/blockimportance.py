@@ -46,7 +46,7 @@ def _weight_matrices(layer) -> list[torch.nn.Parameter]:
 def magnitude_importance(ctx) -> list[float]:
     return [
         sum(p.detach().double().abs().sum().item() for p in _weight_matrices(layer))
-        for layer in ctx.adapter.layers(ctx.model)
+        for layer in ctx.layers
     ]
 
 

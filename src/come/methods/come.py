@@ -67,11 +67,10 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
                 "neurons": sel.neurons.tolist(),
             }
         )
-    layers = adapter.layers(ctx.model)
     merged = merge_layers(
         adapter,
         cfg,
-        [layers[k] for k in window],
+        [ctx.layers[k] for k in window],
         selections,
         ratios,
         norm=ctx.options.norm,
