@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -136,17 +137,15 @@ def _chmod_like_mkdir(path: Path) -> None:
     os.chmod(path, 0o777 & ~umask)
 
 
-def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False) -> Path:
+@contextmanager
+def atomic_folder(out: str | Path, overwrite: bool = False):
+    """Yield a temporary folder beside `out` that becomes `out` only if the block completes."""
     out = prepare_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _chmod_like_mkdir(tmp)  # mkdtemp makes it private; the result should look like any folder
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1))
-        (tmp / "README.md").write_text(_model_card(plan))
+        yield tmp
         trash = None
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -157,4 +156,18 @@ def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = F
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
+    """Tokenizer, plan and model card: everything but the weights and config."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    (folder / "README.md").write_text(_model_card(plan))
+
+
+def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False) -> Path:
+    with atomic_folder(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        write_metadata(tmp, tokenizer, plan)
+    return Path(out).expanduser().resolve()
