@@ -24,6 +24,7 @@ class UnsupportedArchitecture(ComeError, ValueError):
 class Adapter:
     family: str
     model_types: tuple[str, ...]
+    embed_path: str = "model.embed_tokens"
     layers_path: str = "model.layers"
     final_norm_path: str = "model.norm"
     lm_head_path: str = "lm_head"

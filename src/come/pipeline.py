@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +12,11 @@ import torch
 import torch.nn as nn
 
 from . import data as data_mod
+from . import models as models_mod
+from .activations import BoundaryStore, choose_storage
 from .adapters import Adapter, adapter_for
-from .errors import InvalidTarget
-from .activations import BoundaryStore
-from .models import LoadedModel, load_model, parse_dtype
+from .errors import InvalidTarget, ModelLoadError
+from .models import LoadedModel, load_model, parse_dtype, resolve_device
 from .scoring import BoundaryCache, ModelLayers
 
 
@@ -185,6 +188,8 @@ def compress(
     dtype: str = "float32",
     device: str = "cpu",
     tokens: torch.Tensor | None = None,
+    layerwise: bool = False,
+    max_shard_size: str | int = "2GB",
     **options,
 ) -> CompressionResult:
     """Compress a causal LM to fewer decoder layers; optionally write it to `out`.
@@ -192,38 +197,94 @@ def compress(
     `model` is a folder, a .gguf file, a hub id, an already loaded `LoadedModel`
     or None for the embedded default. `tokens` ([n, seqlen] ids) replaces the
     calibration source. `options` are `CompressionOptions` fields.
+
+    `layerwise=True` (a local safetensors folder, or the default model) never
+    holds the model: layers are read from the checkpoint one at a time and the
+    output is streamed into shards of at most `max_shard_size`; the result's
+    `model` is then a meta-device skeleton (structure and config, no weights).
     """
     from .export import build_plan, finalize_model, prepare_output, save_compressed
-    from .methods import get_method
+    from .methods import check_layerwise, get_method
 
     opts = CompressionOptions(**options)
     run = get_method(method)
+    if layerwise:
+        check_layerwise(method)
+        if isinstance(model, LoadedModel):
+            raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
     out_dir = prepare_output(out, overwrite) if out is not None else None  # fail fast, before any work
     started = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    checkpoint = None
+    if layerwise:
+        from .layerwise import load_layerwise
+
+        loaded, checkpoint = load_layerwise(model, dtype=dtype, device=device)
+    else:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     adapter = adapter_for(loaded.model.config)
     original_layers = len(adapter.layers(loaded.model))
     original_params = count_parameters(loaded.model)
     target = resolve_target(loaded.model, adapter, ratio, target_layers)
     if tokens is None:
+        if loaded.tokenizer is None:
+            raise ModelLoadError("the model folder has no tokenizer to read the calibration text with")
         tokens = data_mod.calibration_tokens(loaded.tokenizer, opts.calib, opts.nsamples, opts.seqlen, seed=opts.seed)
     else:
         opts.calib, (opts.nsamples, opts.seqlen) = "tokens", tuple(tokens.shape)
-    torch.manual_seed(opts.seed)
-    ctx = CompressionContext(loaded.model, loaded.tokenizer, adapter, tokens, opts)
-    run(ctx, target)
-    finalize_model(ctx)
-    plan = build_plan(
-        ctx,
-        method=method,
-        source=loaded.source,
-        original_layers=original_layers,
-        original_params=original_params,
-        ratio=ratio,
-        seconds=time.perf_counter() - started,
+    storage = choose_storage(
+        opts.activation_storage, working_bytes(loaded.model, adapter, tokens, opts, target, layerwise)
     )
-    ctx._cache = None  # release the calibration activations before writing
-    result = CompressionResult(ctx.model, loaded.tokenizer, plan)
-    if out_dir is not None:
-        result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite)
+    # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
+    work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
+    if storage == "disk":
+        work_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="come-work-", dir=work_root) if storage == "disk" else nullcontext() as work:
+        layers = None
+        if layerwise:
+            from .layerwise import LazyLayers, save_layerwise
+
+            layers = LazyLayers(loaded.model, adapter, checkpoint, resolve_device(device), parse_dtype(dtype), merged_dir=work)
+        torch.manual_seed(opts.seed)
+        ctx = CompressionContext(
+            loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers, store=BoundaryStore(storage, work)
+        )
+        run(ctx, target)
+        finalize_model(ctx)
+        plan = build_plan(
+            ctx,
+            method=method,
+            source=loaded.source,
+            original_layers=original_layers,
+            original_params=original_params,
+            ratio=ratio,
+            seconds=time.perf_counter() - started,
+        )
+        plan["execution"] = {
+            "layerwise": layerwise,
+            "device": str(ctx.layers.device),
+            "dtype": str(ctx.layers.dtype).removeprefix("torch."),
+            "activations": storage,
+            "layers_run": ctx._cache.layers_run if ctx._cache is not None else 0,
+            **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
+        }
+        ctx._cache = None  # release the calibration activations before writing
+        ctx.layers.release()
+        result = CompressionResult(ctx.model, loaded.tokenizer, plan)
+        if out_dir is not None and layerwise:
+            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size)
+        elif out_dir is not None:
+            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite)
     return result
+
+
+def working_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions,
+                  target: int, layerwise: bool) -> int:
+    """Upper bound of what the run keeps besides the model: every boundary activation and, in
+    layer-wise mode, the merged layers (at most one per removed layer)."""
+    num_layers = len(adapter.layers(model))
+    element = torch.empty((), dtype=parse_dtype(opts.activation_dtype)).element_size()
+    activations = (num_layers + 1) * tokens.numel() * model.config.hidden_size * element
+    if not layerwise:
+        return activations
+    weight_bytes = next(model.parameters()).element_size()
+    return activations + (num_layers - target) * layer_parameters(adapter, model) * weight_bytes

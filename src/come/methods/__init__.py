@@ -21,12 +21,21 @@ class MethodFn(Protocol):
 
 METHODS: dict[str, MethodFn] = {}
 DESCRIPTIONS: dict[str, str] = {}
+# Methods that run in layer-wise mode (they only touch layers through ctx.layers / ctx.cache a
+# few at a time), and for the others what they would need in memory.
+LAYERWISE: set[str] = set()
+NEEDS: dict[str, str] = {}
 
 
-def register(name: str, description: str) -> Callable[[MethodFn], MethodFn]:
+def register(
+    name: str, description: str, layerwise: bool = False, needs: str = "the whole model in memory"
+) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
         DESCRIPTIONS[name] = description
+        if layerwise:
+            LAYERWISE.add(name)
+        NEEDS[name] = needs
         return fn
 
     return wrap
@@ -42,6 +51,16 @@ def get_method(name: str) -> MethodFn:
     if name not in METHODS:
         raise ComeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_layerwise(name: str) -> None:
+    """Refuse, before any work, a method that cannot run one layer at a time."""
+    get_method(name)
+    if name not in LAYERWISE:
+        raise ComeError(
+            f"method {name!r} cannot run with --layerwise: it needs {NEEDS[name]}; "
+            f"layer-wise methods: {', '.join(sorted(LAYERWISE))}"
+        )
 
 
 def available_methods() -> dict[str, str]:

@@ -79,7 +79,9 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
     return merged, {"norm": ctx.options.norm, "sources": kept}
 
 
-@register("come", "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels")
+@register(
+    "come", "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels", layerwise=True
+)
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
     with tqdm(total=total, desc="merging layers", unit="layer", disable=not ctx.options.progress) as bar:

@@ -51,7 +51,11 @@ def search_step(ctx, start: int, size: int, bi):
     return merged, record, {"bi_ratio_first": prior, "candidates": candidates, "chosen_r": r, "chosen_loss": loss}
 
 
-@register("come-p", "CoMe-p: CoMe with each merge's channel ratio grid-searched on the calibration loss")
+@register(
+    "come-p",
+    "CoMe-p: CoMe with each merge's channel ratio grid-searched on the calibration loss",
+    needs="every later layer at once for each candidate's loss (a layer-by-layer what-if pass is not implemented)",
+)
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
     with tqdm(total=total, desc="merging layers", unit="layer", disable=not ctx.options.progress) as bar:

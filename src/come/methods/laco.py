@@ -158,7 +158,11 @@ def _apply(ctx, run: _Pass, pass_index: int) -> None:
         ctx.merge_window(merge["start"], merge["layer"], merge["size"], merge["record"])
 
 
-@register("laco", "LaCo: collapse layer windows by RDSC merging while the output stays similar to the original")
+@register(
+    "laco",
+    "LaCo: collapse layer windows by RDSC merging while the output stays similar to the original",
+    needs="every layer at once (each tentative merge is run through the whole stack)",
+)
 def run(ctx, target_layers: int) -> None:
     thresholds = sorted({float(t) for t in ctx.options.laco_thresholds}, reverse=True)
     if not thresholds:

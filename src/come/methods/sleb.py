@@ -20,7 +20,11 @@ def removal_losses(ctx) -> list[float]:
     return [cache.loss_through(k, cache.current_stack(k + 1), samples=samples) for k in range(ctx.num_layers)]
 
 
-@register("sleb", "SLEB: iteratively delete the layer whose removal gives the lowest calibration loss")
+@register(
+    "sleb",
+    "SLEB: iteratively delete the layer whose removal gives the lowest calibration loss",
+    needs="every later layer at once for each what-if loss (a layer-by-layer what-if pass is not implemented)",
+)
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
     with tqdm(total=total, desc="removing layers", unit="layer", disable=not ctx.options.progress) as bar:
