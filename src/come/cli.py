@@ -29,6 +29,12 @@ class SbiTokens(str, Enum):
     all = "all"
 
 
+class Storage(str, Enum):
+    auto = "auto"
+    ram = "ram"
+    disk = "disk"
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -94,6 +100,18 @@ def compress(
     ),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+    layerwise: bool = typer.Option(
+        False, "--layerwise", help="Never hold the model: read one decoder layer at a time from MODEL's safetensors."
+    ),
+    activation_dtype: str = typer.Option(
+        "float32", help="Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."
+    ),
+    activation_storage: Storage = typer.Option(
+        Storage.auto, help="Activations (and, layer-wise, merged layers): ram, disk, or auto (disk if > half of free memory)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: ~/.cache/come/work)."),
+    max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
+    incremental: bool = typer.Option(True, hidden=True, help="Recompute only the layers after a merge (benchmarks)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
@@ -110,6 +128,12 @@ def compress(
             overwrite=overwrite,
             dtype=dtype,
             device=device,
+            layerwise=layerwise,
+            max_shard_size=max_shard_size,
+            activation_dtype=activation_dtype,
+            activation_storage=activation_storage.value,
+            cache_dir=str(cache_dir) if cache_dir else None,
+            incremental=incremental,
             calib=calib,
             nsamples=nsamples,
             seqlen=seqlen,

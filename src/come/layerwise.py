@@ -306,6 +306,7 @@ def load_layerwise(source: str | None, dtype: str | torch.dtype = "float32", dev
     # Parameters on meta; buffers (rotary frequencies) are computed for real, they are not in checkpoints.
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+    model.tie_weights()  # init_empty_weights makes fresh meta parameters, which unties the LM head
     model.config._attn_implementation = "sdpa"
     model.eval()
     target = resolve_device(device)
