@@ -190,3 +190,23 @@ def test_cli_layerwise_matches_in_memory(tmp_path, smollm2_tokenizer):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "lw").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert (tmp_path / "lw" / "tokenizer.json").is_file() or (tmp_path / "lw" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lazy_loss_through_reads_norm_and_head(tmp_path, tied):
+    """The what-if loss (final norm + LM head materialised on demand, a tied head from the embeddings)."""
+    from come.adapters import adapter_for
+    from come.layerwise import load_layerwise
+    from come.scoring import BoundaryCache
+
+    src = _folder(tmp_path, "llama", tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
+    adapter = adapter_for(model.config)
+    reference = BoundaryCache(model, adapter, TOKENS, progress=False)
+    loaded, checkpoint = load_layerwise(str(src))
+    lazy = LazyLayers(loaded.model, adapter, checkpoint)
+    cache = BoundaryCache(loaded.model, adapter, TOKENS, progress=False, layers=lazy)
+    tail = [(lazy[k], cache.layer_kwargs[k]) for k in (4, 5)]  # two layers held: fine for a check
+    expected = reference.loss_through(4, reference.current_stack(4))
+    assert cache.loss_through(4, tail) == pytest.approx(expected, rel=1e-6)
+    assert all(p.is_meta for p in loaded.model.parameters())
