@@ -65,6 +65,16 @@ def test_layerwise_matches_in_memory_and_exports_shards(family, tied, tmp_path):
     assert result.plan["execution"]["layerwise"] and result.plan["final_parameters"] == reference.plan["final_parameters"]
 
 
+def test_bfloat16_weights_cast_on_load(tmp_path):
+    src = _folder(tmp_path, "qwen3")  # stored in float32
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    reference = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4)
+    result = _layerwise(src, target_layers=4, dtype="bfloat16", out=tmp_path / "out")
+    assert result.plan["steps"] == reference.plan["steps"] and result.plan["execution"]["dtype"] == "bfloat16"
+    a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), reference.model.state_dict()
+    assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in b)
+
+
 def test_shortgpt_layerwise_single_file_output(tmp_path):
     src = _folder(tmp_path, "qwen2")
     reference = _in_memory(src, target_layers=4, method="shortgpt")

@@ -107,7 +107,8 @@ def compress(
         "float32", help="Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."
     ),
     activation_storage: Storage = typer.Option(
-        Storage.auto, help="Activations (and, layer-wise, merged layers): ram, disk, or auto (disk if > half of free memory)."
+        Storage.auto,
+        help="Activations: ram, disk, or auto (disk if > half of free memory). Layer-wise, merged layers go to disk unless ram.",
     ),
     cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: ~/.cache/come/work)."),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),

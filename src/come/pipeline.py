@@ -231,24 +231,30 @@ def compress(
         tokens = data_mod.calibration_tokens(loaded.tokenizer, opts.calib, opts.nsamples, opts.seqlen, seed=opts.seed)
     else:
         opts.calib, (opts.nsamples, opts.seqlen) = "tokens", tuple(tokens.shape)
-    storage = choose_storage(
-        opts.activation_storage, working_bytes(loaded.model, adapter, tokens, opts, target, layerwise)
-    )
+    storage = choose_storage(opts.activation_storage, activation_bytes(loaded.model, adapter, tokens, opts))
+    # Layer-wise runs expect memory to be short: merged layers go to disk unless RAM was asked for.
+    merged_on_disk = layerwise and opts.activation_storage != "ram"
     # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
     work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
-    if storage == "disk":
+    use_disk = storage == "disk" or merged_on_disk
+    if use_disk:
         work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="come-work-", dir=work_root) if storage == "disk" else nullcontext() as work:
+    with tempfile.TemporaryDirectory(prefix="come-work-", dir=work_root) if use_disk else nullcontext() as work:
         layers = None
         if layerwise:
             from .layerwise import LazyLayers, save_layerwise
 
-            layers = LazyLayers(loaded.model, adapter, checkpoint, resolve_device(device), parse_dtype(dtype), merged_dir=work)
+            layers = LazyLayers(
+                loaded.model, adapter, checkpoint, resolve_device(device), parse_dtype(dtype),
+                merged_dir=work if merged_on_disk else None,
+            )
         torch.manual_seed(opts.seed)
         ctx = CompressionContext(
             loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers, store=BoundaryStore(storage, work)
         )
+        loop_started = time.perf_counter()
         run(ctx, target)
+        loop_seconds = time.perf_counter() - loop_started
         finalize_model(ctx)
         plan = build_plan(
             ctx,
@@ -264,7 +270,9 @@ def compress(
             "device": str(ctx.layers.device),
             "dtype": str(ctx.layers.dtype).removeprefix("torch."),
             "activations": storage,
+            **({"merged_layers": "disk" if merged_on_disk else "ram"} if layerwise else {}),
             "layers_run": ctx._cache.layers_run if ctx._cache is not None else 0,
+            "method_seconds": round(loop_seconds, 2),  # calibration passes, scores and merges
             **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
         }
         ctx._cache = None  # release the calibration activations before writing
@@ -277,14 +285,7 @@ def compress(
     return result
 
 
-def working_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions,
-                  target: int, layerwise: bool) -> int:
-    """Upper bound of what the run keeps besides the model: every boundary activation and, in
-    layer-wise mode, the merged layers (at most one per removed layer)."""
-    num_layers = len(adapter.layers(model))
+def activation_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions) -> int:
+    """Size of every boundary activation of the calibration set (what BoundaryCache keeps)."""
     element = torch.empty((), dtype=parse_dtype(opts.activation_dtype)).element_size()
-    activations = (num_layers + 1) * tokens.numel() * model.config.hidden_size * element
-    if not layerwise:
-        return activations
-    weight_bytes = next(model.parameters()).element_size()
-    return activations + (num_layers - target) * layer_parameters(adapter, model) * weight_bytes
+    return (len(adapter.layers(model)) + 1) * tokens.numel() * model.config.hidden_size * element
