@@ -255,6 +255,7 @@ def main() -> None:
             "wall_s": round(wall, 1),
             "method_s": execution.get("method_seconds", ""),
             "peak_rss_gib": round(rss / 1024, 3),
+            "gpu_peak_gib": execution.get("gpu_peak_gib", ""),
             "rss_vs_weights": round(rss * 2**20 / weight_bytes, 3),
             "layers_run": execution.get("layers_run", ""),
             "layer_loads": execution.get("layer_loads", ""),

@@ -275,6 +275,8 @@ def compress(
             "method_seconds": round(loop_seconds, 2),  # calibration passes, scores and merges
             **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
         }
+        if ctx.layers.device.type == "cuda":
+            plan["execution"]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(ctx.layers.device) / 2**30, 3)
         ctx._cache = None  # release the calibration activations before writing
         ctx.layers.release()
         result = CompressionResult(ctx.model, loaded.tokenizer, plan)
