@@ -128,7 +128,7 @@ class LazyLayers:
         self.entries = [_Entry(shell, source=i) for i, shell in enumerate(adapter.layers(model))]
         self._loaded: OrderedDict[_Entry, nn.Module] = OrderedDict()
         self._live: weakref.WeakSet = weakref.WeakSet()
-        self.loads = 0  # decoder layers materialised (from the checkpoint or a merge)
+        self.loads = 0  # decoder layers materialised (from the checkpoint or the merged-layer store)
         self.peak_live = 0  # most decoder layers materialised at the same time
         self._merges = 0
         check_checkpoint(model, adapter, checkpoint)
