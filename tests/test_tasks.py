@@ -106,20 +106,13 @@ def test_offline_tasks_load_and_render_lm_eval_prompts(manager):
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from come.testing import tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,  # the real SmolLM2 tokenizer's
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
+    # The real SmolLM2 tokenizer's vocabulary, the smallest body that runs.
+    return tiny_model(
+        "llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=2048,
     )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")
