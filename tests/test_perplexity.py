@@ -4,28 +4,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from come.perplexity import perplexity
+from come.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    # One thread: on a busy 2-CPU box, OpenMP spinning makes these tiny matmuls ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    yield LlamaForCausalLM(config).eval()
-    torch.set_num_threads(threads)
+    return tiny_model("llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
 
 
 def stream(n: int, seed: int = 0) -> torch.Tensor:

@@ -79,17 +79,19 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
     return merged, {"norm": ctx.options.norm, "sources": kept}
 
 
-@register(
-    "come", "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels", layerwise=True
-)
-def run(ctx, target_layers: int) -> None:
+def progressive_merge(ctx, target_layers: int, step) -> None:
+    """Merge the most redundant window until `target_layers` remain.
+
+    `step(ctx, start, size, bi)` builds the merged layer and returns
+    (layer, merge record, extra fields for the step log).
+    """
     total = ctx.num_layers - target_layers
     with tqdm(total=total, desc="merging layers", unit="layer", disable=not ctx.options.progress) as bar:
         while ctx.num_layers > target_layers:
             # A window of m layers removes m-1; shrink the last one to land on the target.
             size = min(ctx.options.merge_size, ctx.num_layers - target_layers + 1)
             start, sbi, bi = choose_window(ctx, size)
-            merged, record = merge_step(ctx, start, size, bi)
+            merged, record, extra = step(ctx, start, size, bi)
             ctx.steps.append(
                 {
                     "step": len(ctx.steps),
@@ -98,7 +100,15 @@ def run(ctx, target_layers: int) -> None:
                     "covers": [c for r in ctx.records[start : start + size] for c in r["covers"]],
                     "sbi": [round(v, 6) for v in sbi.tolist()],
                     "bi": [round(v, 6) for v in bi.tolist()],
+                    **extra,
                 }
             )
             ctx.merge_window(start, merged, size, record)
             bar.update(size - 1)
+
+
+@register(
+    "come", "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels", layerwise=True
+)
+def run(ctx, target_layers: int) -> None:
+    progressive_merge(ctx, target_layers, lambda *args: (*merge_step(*args), {}))

@@ -14,11 +14,9 @@ share, then to the lowest r. All candidate losses are in the plan's steps.
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
-
 from ..errors import MergeError
 from . import register
-from .come import bi_ratios, choose_window, merge_with_ratios
+from .come import bi_ratios, merge_with_ratios, progressive_merge
 
 
 def candidate_ratios(bi, start: int, size: int, r: float) -> list[float]:
@@ -57,22 +55,4 @@ def search_step(ctx, start: int, size: int, bi):
     needs="every later layer at once for each candidate's loss (a layer-by-layer what-if pass is not implemented)",
 )
 def run(ctx, target_layers: int) -> None:
-    total = ctx.num_layers - target_layers
-    with tqdm(total=total, desc="merging layers", unit="layer", disable=not ctx.options.progress) as bar:
-        while ctx.num_layers > target_layers:
-            size = min(ctx.options.merge_size, ctx.num_layers - target_layers + 1)
-            start, sbi, bi = choose_window(ctx, size)
-            merged, record, search = search_step(ctx, start, size, bi)
-            ctx.steps.append(
-                {
-                    "step": len(ctx.steps),
-                    "layers_before": ctx.num_layers,
-                    "window": [start, start + size - 1],
-                    "covers": [c for r in ctx.records[start : start + size] for c in r["covers"]],
-                    "sbi": [round(v, 6) for v in sbi.tolist()],
-                    "bi": [round(v, 6) for v in bi.tolist()],
-                    **search,
-                }
-            )
-            ctx.merge_window(start, merged, size, record)
-            bar.update(size - 1)
+    progressive_merge(ctx, target_layers, search_step)

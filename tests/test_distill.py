@@ -1,0 +1,206 @@
+"""Distillation of a compressed tiny model from its teacher: stage 1, workers, resume, stage 2, errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from come.data import DataError
+from come.distill import DistillError, NonFiniteLoss, _kl, distill, span_errors
+from come.models import LoadedModel
+from come.pipeline import compress
+from come.testing import tiny_model, tiny_tokens
+
+TRAIN = tiny_tokens(nsamples=16, seqlen=32, seed=1)
+HELD_OUT = tiny_tokens(nsamples=8, seqlen=32, seed=2)
+# 16 sequences in chunks of 4, 6 epochs: 24 steps per layer.
+SETTINGS = dict(tokens=TRAIN, lr=2e-3, epochs=6, batch_size=4, warmup=0.1, seed=3, progress=False)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over ASCII (ids 1..127, 0 = unknown) that fits the tiny vocab of 128."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{chr(i): i for i in range(1, 128)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), unk_token="<unk>")
+
+
+def save_teacher(path, **overrides):
+    tiny_model("llama", **overrides).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    teacher_dir = save_teacher(root / "teacher")
+    loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
+    compress(loaded, target_layers=3, tokens=tiny_tokens(), out=root / "compressed", progress=False)
+    return root, teacher_dir, root / "compressed"
+
+
+@pytest.fixture(scope="module")
+def single_run(setup):
+    root, teacher_dir, compressed = setup
+    summary = distill(compressed, root / "single", teacher=teacher_dir, **SETTINGS)
+    return root / "single", summary
+
+
+def weights(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+
+
+def test_stage1_lowers_training_loss_and_held_out_span_error(setup, single_run):
+    root, teacher_dir, compressed = setup
+    out, summary = single_run
+    assert sorted(summary["stage1"]["layers"]) == [0, 1, 2]  # 6 -> 3 by merging pairs: every layer is merged
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for k in range(3):
+        losses = [r["loss"] for r in lines if r["stage"] == 1 and r["layer"] == k]
+        assert len(losses) == 24 and sum(losses[-4:]) < 0.7 * sum(losses[:4])
+        assert summary["stage1"]["layers"][k]["final_loss"] < summary["stage1"]["layers"][k]["initial_loss"]
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    plan = json.loads((compressed / "come_plan.json").read_text())
+    before = span_errors(teacher, AutoModelForCausalLM.from_pretrained(compressed), plan["layers"], HELD_OUT)
+    after = span_errors(teacher, AutoModelForCausalLM.from_pretrained(out), plan["layers"], HELD_OUT)
+    assert all(after[k] < 0.8 * before[k] for k in before), (before, after)
+
+
+def test_output_reloads_with_plan_and_distillation_record(setup, single_run):
+    root, teacher_dir, compressed = setup
+    out, summary = single_run
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(HELD_OUT[:2]).logits).all()
+    plan = json.loads((out / "come_plan.json").read_text())
+    original = json.loads((compressed / "come_plan.json").read_text())
+    assert plan["layers"] == original["layers"]
+    record = plan["distillation"]
+    assert record["teacher"]["path"] == str(teacher_dir)
+    assert record["data"]["tokens"] == TRAIN.numel() and record["stage1"]["tokens_per_layer"] == 6 * TRAIN.numel()
+    assert record["options"]["lr"] == 2e-3 and record["stage2"] is None and record["seconds"] > 0
+    assert {"initial_loss", "final_loss", "steps"} <= record["stage1"]["layers"]["0"].keys()
+    assert not (root / "single.partial").exists()  # the work folder goes once the result is in place
+
+
+def test_two_gloo_workers_give_identical_weights(setup, single_run):
+    root, teacher_dir, compressed = setup
+    distill(compressed, root / "two", teacher=teacher_dir, workers=2, **SETTINGS)
+    assert_same_weights(single_run[0], root / "two")
+    assert json.loads((root / "two" / "come_plan.json").read_text())["distillation"]["workers"] == 2
+
+
+def test_resume_after_kill_gives_identical_weights(setup, single_run):
+    root, teacher_dir, compressed = setup
+    out = root / "resumed"
+    # Killed in layer 1 at its step 8 (24 + 8 steps); its last checkpoint is step 5.
+    with pytest.raises(DistillError, match="resume"):
+        distill(compressed, out, teacher=teacher_dir, save_every=5, stop_after=32, **SETTINGS)
+    work = root / "resumed.partial"
+    assert (work / "stage1" / "layer_000.safetensors").is_file() and (work / "stage1" / "layer_001.ckpt.pt").is_file()
+    with pytest.raises(Exception, match="--resume"):  # a fresh start refuses to wipe the unfinished run
+        distill(compressed, out, teacher=teacher_dir, **SETTINGS)
+    with pytest.raises(DistillError, match="lr"):  # resuming with other settings is refused
+        distill(compressed, out, teacher=teacher_dir, resume=True, **{**SETTINGS, "lr": 1e-3})
+    summary = distill(compressed, out, teacher=teacher_dir, resume=True, **SETTINGS)
+    assert summary["resumed"]
+    assert_same_weights(single_run[0], out)
+    steps = [(r["layer"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [(k, s) for k in range(3) for s in range(1, 25)]  # repeated steps logged once
+
+
+def _kd(teacher, student, tokens):
+    with torch.no_grad():
+        return _kl(student(tokens).logits, teacher(tokens).logits, 1.0).item()
+
+
+def test_stage2_lowers_kd_loss_with_gradient_checkpointing(setup):
+    root, teacher_dir, compressed = setup
+    out = root / "global"
+    summary = distill(
+        compressed, out, teacher=teacher_dir, tokens=TRAIN, layers="none", global_steps=8, global_lr=3e-3,
+        batch_size=4, gradient_checkpointing=True, hidden_weight=0.5, progress=False,
+    )
+    assert summary["stage1"] is None and summary["stage2"]["steps"] == 8
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    before = _kd(teacher, AutoModelForCausalLM.from_pretrained(compressed), TRAIN)
+    after = _kd(teacher, AutoModelForCausalLM.from_pretrained(out), TRAIN)
+    assert after < 0.9 * before, (before, after)
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == list(range(1, 9))
+
+
+def test_stage2_with_ddp_workers(setup):
+    root, teacher_dir, compressed = setup
+    summary = distill(compressed, root / "ddp", teacher=teacher_dir, tokens=TRAIN, layers="none", batch_size=4, global_steps=2, workers=2, progress=False)
+    assert summary["stage2"]["steps"] == 2 and summary["stage2"]["tokens"] == 2 * 2 * 4 * 32
+    assert AutoModelForCausalLM.from_pretrained(root / "ddp").config.num_hidden_layers == 3
+
+
+def test_vocab_mismatch_is_a_clear_error(setup, tmp_path):
+    root, teacher_dir, compressed = setup
+    other = save_teacher(tmp_path / "other", vocab_size=160)
+    with pytest.raises(DistillError, match="vocabulary size: 160 vs 128"):
+        distill(compressed, tmp_path / "out", teacher=other, tokens=TRAIN, progress=False)
+    deeper = save_teacher(tmp_path / "deeper", num_hidden_layers=8)
+    with pytest.raises(DistillError, match="6-layer model but the teacher has 8"):
+        distill(compressed, tmp_path / "out", teacher=deeper, tokens=TRAIN, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_too_little_data_is_a_clear_error(setup, tmp_path):
+    root, teacher_dir, compressed = setup
+    text = tmp_path / "small.txt"
+    text.write_text("A short text.\n\nJust two paragraphs, far fewer than the tokens asked for.")
+    with pytest.raises(DataError, match=r"--tokens 10000: .*has only 72 tokens"):
+        distill(compressed, tmp_path / "out", teacher=teacher_dir, data=str(text), tokens=10_000, seqlen=32, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
+    root, teacher_dir, compressed = setup
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint is .*layer_000.ckpt.pt") as info:
+        distill(compressed, tmp_path / "out", teacher=teacher_dir, **{**SETTINGS, "lr": 1e30, "save_every": 1, "max_grad_norm": 0})
+    assert (tmp_path / "out.partial" / "stage1" / "layer_000.ckpt.pt").is_file() and "\n" not in str(info.value)
+
+
+def test_cli_distill_from_a_text_file(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from come.cli import app
+
+    root, teacher_dir, compressed = setup
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20)))
+    args = ["distill", str(compressed), "--out", str(tmp_path / "out"), "--data", str(text), "--tokens", "256", "--seqlen", "32", "--batch-size", "4", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "come_plan.json").read_text())["distillation"]["data"]["source"]["kind"] == "file"
+    again = CliRunner().invoke(app, args)  # the teacher came from the plan; now the output exists
+    assert again.exit_code == 2 and "error:" in again.output and len(again.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("loss", ["cosine", "kl"])
+def test_other_stage1_losses_decrease(setup, tmp_path, loss):
+    root, teacher_dir, compressed = setup
+    summary = distill(compressed, tmp_path / "out", teacher=teacher_dir, loss=loss, cache_dtype="bfloat16", **SETTINGS)
+    for layer in summary["stage1"]["layers"].values():
+        assert layer["final_loss"] < 0.8 * layer["initial_loss"]
+
+
+def test_shortgpt_survivors_of_removed_spans_are_trained(setup, tmp_path):
+    root, teacher_dir, compressed = setup
+    loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
+    plan = compress(loaded, target_layers=4, method="shortgpt", tokens=tiny_tokens(), out=tmp_path / "short", progress=False).plan
+    spans = {k: layer["covers"] for k, layer in enumerate(plan["layers"]) if len(layer["covers"]) > 1}
+    assert spans and not any(layer["merged"] for layer in plan["layers"])
+    summary = distill(tmp_path / "short", tmp_path / "out", **{**SETTINGS, "epochs": 1})  # teacher from the plan
+    assert {k: v["covers"] for k, v in summary["stage1"]["layers"].items()} == spans
