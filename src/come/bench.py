@@ -63,9 +63,11 @@ def run_bench(
     for method, ratio in cells:
         name = cell_name(method, ratio)
         cell_file = out / "cells" / f"{name}.json"
+        # A cell depends on the shared settings and on its own method's overrides only.
+        cell_settings = {**settings, "method_options": (method_options or {}).get(method, {})}
         if cell_file.is_file():
             previous = json.loads(cell_file.read_text())
-            if previous.get("settings") == settings:
+            if previous.get("settings") == cell_settings:
                 print(f"[bench] {name}: done already, skipped", flush=True)
                 continue
         print(f"[bench] {name}", flush=True)
@@ -81,7 +83,7 @@ def run_bench(
             except ComeError as exc:  # e.g. no eligible window: a result too, keep going
                 print(f"[bench] {name}: failed: {exc}", flush=True)
                 row = {"method": method, "ratio": ratio, "error": str(exc)}
-                write_json_atomic(cell_file, {"settings": settings, "row": row})
+                write_json_atomic(cell_file, {"settings": cell_settings, "row": row})
                 continue
             compress_seconds = time.perf_counter() - start
             plan = result.plan
@@ -114,7 +116,7 @@ def run_bench(
             for task, r in zs["tasks"].items():
                 row[task] = r[r["average_metric"]]
             row["avg_acc"] = zs["average"]
-        write_json_atomic(cell_file, {"settings": settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None})
+        write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None})
 
     rows = []
     for method, ratio in cells:
