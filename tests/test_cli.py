@@ -93,3 +93,14 @@ def test_other_methods_through_the_cli(tiny_dir, tmp_path, method):
     assert result.exit_code == 0, result.output
     assert "layers 6 -> 4" in result.output
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+def test_eval_and_bench_input_errors(tiny_dir, tmp_path):
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--tasks", "mmlu", "--ppl", "none"])
+    assert result.exit_code == 2 and "unknown offline task" in result.output
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--device", "tpu9", "--tasks", "none"])
+    assert result.exit_code == 2 and "unknown device" in result.output
+    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(tmp_path / "b"), "--methods", "come", "--set", "lacoo.merge_size=4"])
+    assert result.exit_code == 2 and "not in --methods" in result.output
+    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(tmp_path / "b"), "--methods", "come", "--set", "come.seed=3"])
+    assert result.exit_code == 2 and "unknown option" in result.output

@@ -142,3 +142,16 @@ def test_unsupported_architecture():
 
     with pytest.raises(UnsupportedArchitecture, match="llama"):
         adapter_for(GPT2Config())
+
+
+def test_removed_first_layer_keeps_the_kept_layers_position():
+    from come.export import finalize_model
+    from come.pipeline import CompressionContext, CompressionOptions
+
+    model = tiny_model("qwen2", layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=16)
+    ctx = CompressionContext(model, None, adapter_for(model.config), tiny_tokens(), CompressionOptions(progress=False))
+    ctx.remove_layers([0])
+    finalize_model(ctx)
+    assert ctx.records[0]["covers"] == [0, 1] and ctx.records[0]["position_of"] == 1
+    full, sliding = "full_attention", "sliding_attention"
+    assert model.config.layer_types == [sliding, full, sliding, full, sliding]  # originals 1..5

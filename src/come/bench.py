@@ -44,6 +44,9 @@ def run_bench(
     for method in methods:
         if method != DENSE:
             get_method(method)  # unknown names fail before any work
+    stray = sorted(set(method_options or {}) - set(methods))
+    if stray:
+        raise ComeError(f"--set names method(s) not in --methods: {', '.join(stray)}")
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ComeError(f"--ratios must be values in (0, 1), got {ratios}")
     out = Path(out)
@@ -88,19 +91,21 @@ def run_bench(
             compress_seconds = time.perf_counter() - start
             plan = result.plan
             del result
-        evaluation = evaluate(
-            str(model_dir) if model_dir is not None else None,
-            ppl_sources=ppl_sources,
-            tasks=tasks,
-            limit=limit,
-            seqlen=seqlen,
-            max_tokens=ppl_max_tokens,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-        )
-        if method != DENSE and not keep_models:
-            shutil.rmtree(model_dir, ignore_errors=True)
+        try:
+            evaluation = evaluate(
+                str(model_dir) if model_dir is not None else None,
+                ppl_sources=ppl_sources,
+                tasks=tasks,
+                limit=limit,
+                seqlen=seqlen,
+                max_tokens=ppl_max_tokens,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+            )
+        finally:
+            if method != DENSE and not keep_models:
+                shutil.rmtree(model_dir, ignore_errors=True)
         row = {
             "method": method,
             "ratio": ratio,

@@ -1,4 +1,4 @@
-"""Command-line interface: `come compress | methods` (and more as they land)."""
+"""Command-line interface: `come compress | eval | distill | bench | methods`."""
 
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ def _method_options(items: list[str]) -> dict[str, dict]:
 
     from .pipeline import CompressionOptions
 
-    known = set(CompressionOptions.__dataclass_fields__)
+    # seed and progress are shared by the whole grid (--seed, --quiet).
+    known = set(CompressionOptions.__dataclass_fields__) - {"seed", "progress"}
     options: dict[str, dict] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -261,7 +262,9 @@ def bench(
     ppl_max_tokens: Optional[int] = typer.Option(None, help="Perplexity tokens per source (default: all)."),
     seqlen: int = typer.Option(512, min=2, help="Perplexity window and calibration sequence length."),
     nsamples: int = typer.Option(32, min=1, help="Calibration sequences for every method."),
-    search_samples: Optional[int] = typer.Option(None, help="Calibration sequences for loss-based searches (come-p, sleb)."),
+    search_samples: Optional[int] = typer.Option(
+        None, min=1, help="Calibration sequences for loss-based searches (come-p, sleb, laco)."
+    ),
     granularity: int = typer.Option(20, min=1, help="come-p ratio grid size."),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),

@@ -80,6 +80,14 @@ def evaluate(
 
     if limit is not None and limit < 1:
         raise ComeError(f"--limit must be >= 1, got {limit}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ComeError(f"--max-tokens must be >= 2, got {max_tokens}")
+    if tasks and offline:
+        from .tasks import PAPER_TASKS
+
+        unknown = [t for t in tasks if t not in PAPER_TASKS]
+        if unknown:  # checked before any model is loaded
+            raise ComeError(f"unknown offline task(s) {', '.join(unknown)}; available: {', '.join(PAPER_TASKS)} (or --online)")
     torch.manual_seed(seed)
     loaded = load_model(model_dir, dtype=dtype, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer

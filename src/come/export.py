@@ -37,7 +37,7 @@ def versions() -> dict:
 def finalize_model(ctx) -> None:
     """Make the config and per-layer indices agree with the layer list."""
     config, adapter = ctx.model.config, ctx.adapter
-    firsts = [rec["covers"][0] for rec in ctx.records]
+    firsts = [rec["position_of"] for rec in ctx.records]
     original = sum(len(rec["covers"]) for rec in ctx.records)
     for name in adapter.per_layer_lists:
         values = getattr(config, name, None)
@@ -127,8 +127,11 @@ def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _chmod_like_mkdir(path: Path) -> None:
@@ -150,7 +153,13 @@ def atomic_folder(out: str | Path, overwrite: bool = False):
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / "old")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if trash is not None:  # put the previous output back
+                os.replace(trash / "old", out)
+                shutil.rmtree(trash, ignore_errors=True)
+            raise
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     except BaseException:

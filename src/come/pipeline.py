@@ -97,7 +97,8 @@ class CompressionContext:
     adapter: Adapter
     tokens: torch.Tensor
     options: CompressionOptions
-    # For every current layer: the original layers it stands for, and the merge that made it.
+    # For every current layer: the original layers it stands for, the original layer whose
+    # position (layer type, attention kwargs) it takes, and the merge that made it.
     records: list[dict] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)
     # Access to the decoder layers (the model's own by default; `LazyLayers` in layer-wise mode)
@@ -110,7 +111,7 @@ class CompressionContext:
         if self.layers is None:
             self.layers = ModelLayers(self.model, self.adapter)
         if not self.records:
-            self.records = [{"covers": [i], "merged": False, "merge": None} for i in range(self.num_layers)]
+            self.records = [{"covers": [i], "position_of": i, "merged": False, "merge": None} for i in range(self.num_layers)]
 
     @property
     def num_layers(self) -> int:
@@ -146,11 +147,12 @@ class CompressionContext:
 
     def merge_window(self, start: int, new_layer: nn.Module, size: int, merge_record: dict) -> None:
         """Replace layers start..start+size-1 by `new_layer` and update the cache from `start` on."""
+        cache = self.cache  # built before the layer list changes, so its kwargs line up
         self.layers.replace(start, size, new_layer)
         covers = [c for r in self.records[start : start + size] for c in r["covers"]]
-        self.records[start : start + size] = [{"covers": covers, "merged": True, "merge": merge_record}]
-        kwargs_of_first = self.cache.layer_kwargs[start]
-        self.cache.layer_kwargs[start : start + size] = [kwargs_of_first]
+        position = self.records[start]["position_of"]
+        self.records[start : start + size] = [{"covers": covers, "position_of": position, "merged": True, "merge": merge_record}]
+        cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[start]]
         self.refresh(start)
 
     def remove_layers(self, removed: list[int]) -> None:
@@ -213,6 +215,10 @@ def compress(
         if isinstance(model, LoadedModel):
             raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
     out_dir = prepare_output(out, overwrite) if out is not None else None  # fail fast, before any work
+    if layerwise:
+        from .layerwise import parse_size
+
+        parse_size(max_shard_size)  # a typo here should not cost a whole run
     started = time.perf_counter()
     checkpoint = None
     if layerwise:

@@ -291,8 +291,8 @@ class BoundaryCache:
             for h in handles:
                 h.remove()
         ntok = self.tokens.numel()
-        o_score = (sums["o"] / ntok) * o_proj.weight.detach().double().abs().sum(0).cpu()
-        ffn_score = (sums["down"] / ntok) * down.weight.detach().double().abs().sum(0).cpu()
+        o_score = (sums["o"].cpu() / ntok) * o_proj.weight.detach().double().abs().sum(0).cpu()
+        ffn_score = (sums["down"].cpu() / ntok) * down.weight.detach().double().abs().sum(0).cpu()
         cfg = self.model.config
         group_width = self.adapter.queries_per_group(cfg) * self.adapter.head_dim(cfg)
         attn_score = o_score.reshape(-1, group_width).mean(1)
