@@ -110,7 +110,7 @@ def compress(
         Storage.auto,
         help="Activations: ram, disk, or auto (disk if > half of free memory). Layer-wise, merged layers go to disk unless ram.",
     ),
-    cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: ~/.cache/come/work)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: $COME_CACHE/work, i.e. ~/.cache/come/work)."),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
     incremental: bool = typer.Option(True, hidden=True, help="Recompute only the layers after a merge (benchmarks)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
