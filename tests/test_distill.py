@@ -146,6 +146,48 @@ def test_stage2_with_ddp_workers(setup):
     assert AutoModelForCausalLM.from_pretrained(root / "ddp").config.num_hidden_layers == 3
 
 
+def _stage2_curve(path):
+    return [r["kd"] for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if r["stage"] == 2]
+
+
+def test_stage2_fsdp_matches_ddp(setup, tmp_path):
+    """FSDP2 (sharded student) and DDP (replicated) average the same gradients: the same run up to float order."""
+    root, teacher_dir, compressed = setup
+    run = dict(teacher=teacher_dir, tokens=TRAIN, layers="none", batch_size=2, grad_accum=2, global_steps=3, global_lr=3e-3, workers=2, progress=False)
+    ddp = distill(compressed, tmp_path / "ddp", **run)
+    fsdp = distill(compressed, tmp_path / "fsdp", fsdp=True, **run)
+    assert fsdp["options"]["fsdp"] and fsdp["stage2"]["steps"] == 3 and fsdp["stage2"]["tokens"] == ddp["stage2"]["tokens"]
+    assert _stage2_curve(tmp_path / "fsdp") == pytest.approx(_stage2_curve(tmp_path / "ddp"), rel=1e-4, abs=1e-6)
+    wd, wf, w0 = weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), weights(compressed)
+    assert wd.keys() == wf.keys()
+    moved = [k for k in wd if not torch.equal(wd[k], w0[k])]
+    assert moved and all(k.startswith("model.layers.") for k in moved)  # --train merged: the layers, not embeddings/head
+    for k in wd:
+        scale = w0[k].abs().max().item()
+        assert (wd[k] - wf[k]).abs().max().item() <= 1e-4 * max(scale, 1.0), k
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
+    with torch.no_grad():
+        assert torch.isfinite(model(HELD_OUT[:2]).logits).all()
+
+
+def test_stage2_fsdp_resume_and_single_worker_error(setup, tmp_path):
+    root, teacher_dir, compressed = setup
+    run = dict(teacher=teacher_dir, tokens=TRAIN, layers="none", batch_size=2, global_steps=4, global_lr=3e-3, workers=2, fsdp=True, train="all")
+    run["progress"] = False
+    with pytest.raises(DistillError, match="--workers 2 or more"):  # nothing to shard over: an error, not a silent DDP/plain run
+        distill(compressed, tmp_path / "one", **{**run, "workers": 1})
+    distill(compressed, tmp_path / "whole", **run)
+    with pytest.raises(DistillError, match="resume"):  # killed after step 3; the last checkpoint (full state dict + optimizer) is step 2
+        distill(compressed, tmp_path / "resumed", save_every=2, stop_after=3, **run)
+    assert (tmp_path / "resumed.partial" / "stage2" / "checkpoint.pt").is_file()
+    with pytest.raises(DistillError, match="fsdp"):  # the checkpoint format differs: switching to DDP is refused
+        distill(compressed, tmp_path / "resumed", resume=True, **{**run, "fsdp": False})
+    distill(compressed, tmp_path / "resumed", resume=True, **run)
+    assert _stage2_curve(tmp_path / "resumed") == pytest.approx(_stage2_curve(tmp_path / "whole"), rel=1e-5)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a), [k for k in a if not torch.allclose(a[k], b[k], rtol=0, atol=1e-6)]
+
+
 def test_vocab_mismatch_is_a_clear_error(setup, tmp_path):
     root, teacher_dir, compressed = setup
     other = save_teacher(tmp_path / "other", vocab_size=160)

@@ -333,6 +333,7 @@ def distill_command(
     hidden_weight: float = typer.Option(1.0, help="Stage-2 weight of the hidden-state alignment loss."),
     train: str = typer.Option("merged", help="Stage-2 trainable parameters: merged layers | all."),
     gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
+    fsdp: bool = typer.Option(False, help="Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for models too big for one device."),
     warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
     batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
@@ -355,7 +356,7 @@ def distill_command(
             compressed, out, teacher=teacher, data=data, tokens=tokens, resume=resume, overwrite=overwrite,
             seqlen=seqlen, epochs=epochs, layers=layers, loss=loss, lr=lr, cache_dtype=cache_dtype,
             global_steps=global_steps, global_lr=global_lr, temperature=temperature, hidden_weight=hidden_weight,
-            train=train, gradient_checkpointing=gradient_checkpointing, warmup=warmup, batch_size=batch_size,
+            train=train, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, warmup=warmup, batch_size=batch_size,
             grad_accum=grad_accum, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
             device=device, workers=workers, save_every=save_every, progress=not quiet,
         )

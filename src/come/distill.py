@@ -11,7 +11,9 @@ so 1 and N processes, and interrupted-then-resumed runs, give identical weights.
 
 Stage 2 (global, optional): end-to-end logit distillation (forward KL
 teacher||student) plus hidden-state alignment at the plan's correspondence
-points (student layer k <-> teacher layer max(covers_k)), DDP when workers > 1.
+points (student layer k <-> teacher layer max(covers_k)), DDP when workers > 1,
+or with `fsdp` the student sharded over the workers by FSDP2 (`fully_shard` per
+decoder layer, then the root; the frozen teacher stays whole on every worker).
 
 Work state lives in OUT.partial/ next to OUT (token ids, teacher cache, layer
 results, checkpoints, metrics); the result is moved into OUT in one rename.
@@ -81,6 +83,7 @@ class DistillOptions:
     hidden_weight: float = 1.0
     train: str = "merged"  # parameters trained in stage 2: merged layers | all
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # stage 2 with workers > 1: shard the student with FSDP2 instead of replicating it (DDP)
     # both stages
     warmup: float = 0.05  # fraction of the steps
     batch_size: int = 8
@@ -441,6 +444,34 @@ def _stage2_rows(n: int, seed: int, start: int, count: int) -> list[int]:
     return [_epoch_order(n, seed, "stage2", pos // n)[pos % n] for pos in range(start, start + count)]
 
 
+def _shard(student: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """FSDP2: each decoder layer its own shard group, the rest (embeddings, final norm, head) the root's.
+    Parameters become DTensors under the same names; frozen ones simply get no gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in adapter_for(student.config).layers(student):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(student, mesh=mesh)
+
+
+def _full_state(model: nn.Module, opt, names: list[str], fsdp: bool, optimizer: bool = True) -> tuple[dict, dict | None]:
+    """(trainable tensors by name, optimizer state) as ordinary full CPU tensors. Under FSDP a collective
+    (every rank calls it) whose result only rank 0 holds; the optimizer state is then keyed by name."""
+    if not fsdp:
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().cpu() for n in names}, (opt.state_dict() if optimizer else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=full)
+    trainable = {n: state[n] for n in names if n in state}
+    return trainable, (get_optimizer_state_dict(model, opt, options=full) if optimizer else None)
+
+
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
     """Activation checkpointing (`activation_*` in recent transformers, `gradient_*` before)."""
     kwargs = {"use_reentrant": False}  # reentrant needs inputs that require grad; embeddings may be frozen
@@ -461,23 +492,36 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
     device = next(student.parameters()).device
     tokens = torch.load(job.dir / "tokens.pt")
     named = _stage2_parameters(student, job)
-    params = [p.requires_grad_(True) for _, p in named]
+    for _, p in named:
+        p.requires_grad_(True)
+    names = [n for n, _ in named]
+    fsdp = o.fsdp and world > 1
+    saved = torch.load(checkpoint, map_location="cpu" if fsdp else device) if checkpoint.is_file() else None
+    if saved is not None:
+        _load_named(student, saved["trainable"])  # before sharding: every rank reads the full tensors
     if o.gradient_checkpointing:
         _set_checkpointing(student, True)
     student.train()
     net = student
-    if world > 1:
+    if fsdp:
+        net = _shard(student, device, world)
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [dict(student.named_parameters())[n] for n in names]  # after sharding: FSDP's DTensor parameters
     opt, sched = _optimizer(params, o.global_lr, o, o.global_steps)
     progress = {"step": 0, "losses": []}
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device)
-        _load_named(student, saved["trainable"])
-        opt.load_state_dict(saved["optimizer"])
+    if saved is not None:
+        if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(net, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         progress = saved["progress"]
+        del saved
 
     pairs = [(k, _span(rec)[1]) for k, rec in enumerate(job.plan_layers)]
     s_out, t_out = {}, {}
@@ -500,7 +544,9 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                 sync = world == 1 or a == o.grad_accum - 1
-                with contextlib.nullcontext() if sync else net.no_sync():
+                if fsdp:
+                    net.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
+                with contextlib.nullcontext() if sync or fsdp else net.no_sync():
                     kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
                     hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
                     loss = kd + o.hidden_weight * hidden
@@ -520,9 +566,10 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
             bar.set_postfix(kd=f"{kd:.4g}", hidden=f"{hidden:.3g}")
             if rank == 0:
                 _log(job.dir, {"stage": 2, "layer": None, "step": progress["step"], "loss": loss, "kd": kd, "hidden": hidden, "lr": lr})
-                if progress["step"] % o.save_every == 0 and progress["step"] < o.global_steps:
-                    trainable = {n: p.detach().cpu() for n, p in named}
-                    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+            if progress["step"] % o.save_every == 0 and progress["step"] < o.global_steps and (rank == 0 or fsdp):
+                trainable, opt_state = _full_state(student, opt, names, fsdp)  # FSDP: gathered by every rank
+                if rank == 0:
+                    state = {"optimizer": opt_state, "scheduler": sched.state_dict()}
                     _save_atomic({"trainable": trainable, **state, "progress": progress}, checkpoint)
             job.count_step()
     finally:
@@ -531,10 +578,11 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         bar.close()
     if o.gradient_checkpointing:
         _set_checkpointing(student, False)
+    trainable = _full_state(student, opt, names, fsdp, optimizer=False)[0] if rank == 0 or fsdp else None
     student.eval().requires_grad_(False)
     if rank == 0:
         write_json_atomic(job.dir / "stage2" / "summary.json", _summarize(progress["losses"]))
-        _save_atomic({n: p.detach().cpu() for n, p in named}, final)
+        _save_atomic(trainable, final)
         checkpoint.unlink(missing_ok=True)
 
 
@@ -722,6 +770,8 @@ def distill(
     if external and not dist.is_initialized():
         dist.init_process_group(_backend(o.device))
     rank, world = (dist.get_rank(), dist.get_world_size()) if external else (0, o.workers)
+    if o.fsdp and world < 2:
+        raise DistillError("--fsdp shards stage 2 over several processes: use it with --workers 2 or more (or torchrun)")
 
     t_loaded = load_model(teacher_source, dtype=o.dtype, device=_rank_device(o.device, rank, world))
     s_loaded = load_model(str(compressed_dir), dtype=o.dtype, device=_rank_device(o.device, rank, world))
@@ -757,6 +807,9 @@ def distill(
     if rank != 0:
         return {}
 
+    if o.fsdp and external and o.global_steps:  # stage 2 sharded this process's student in place: a fresh copy
+        del student, models
+        student = load_model(str(compressed_dir), dtype=o.dtype, device=_rank_device(o.device, rank, world)).model.requires_grad_(False)
     _apply_trained(student, job)
     stage1 = {k: json.loads(_layer_file(job, k, ".json").read_text()) for k in stage1_layers}
     stage2 = json.loads((work / "stage2" / "summary.json").read_text()) if o.global_steps else None
