@@ -123,7 +123,9 @@ def _classify(source: str):
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
+    from .models import cache_dir  # one definition of $COME_CACHE for the whole package
+
+    return cache_dir()
 
 
 def _package_dir(package: str, pip_hint: str) -> Path:

@@ -291,10 +291,9 @@ def load_layerwise(source: str | None, dtype: str | torch.dtype = "float32", dev
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if source is None or source == DEFAULT_MODEL:
-        from .models import _cached_default, default_gguf_path
+        from .models import default_model_source
 
-        path = _cached_default(torch_dtype)
-        info = {"name": "SmolLM2-135M-Instruct", "kind": "default", "path": str(path), "gguf": str(default_gguf_path())}
+        path, info = default_model_source()
     else:
         path = Path(source).expanduser()
         if not path.is_dir():

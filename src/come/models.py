@@ -68,7 +68,7 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _cached_default(dtype: torch.dtype) -> Path:
+def _cached_default() -> Path:
     """The embedded default model as a plain HF folder, converted once and cached."""
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
@@ -89,14 +89,19 @@ def _cached_default(dtype: torch.dtype) -> Path:
     return target
 
 
+def default_model_source() -> tuple[Path, dict]:
+    """The embedded default as a cached HF folder, and its provenance for the plan."""
+    path = _cached_default()
+    return path, {"name": "SmolLM2-135M-Instruct", "kind": "default", "path": str(path), "gguf": str(default_gguf_path())}
+
+
 def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
     """Load `source` (None = the embedded default) as (model, tokenizer), ready for scoring."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if source is None or source == DEFAULT_MODEL:
-        path = _cached_default(torch_dtype)
-        info = {"name": "SmolLM2-135M-Instruct", "kind": "default", "path": str(path), "gguf": str(default_gguf_path())}
+        path, info = default_model_source()
     else:
         path = Path(source).expanduser()
         info = {"name": source, "kind": "local" if path.exists() else "hub", "path": str(path)}
