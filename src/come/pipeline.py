@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,16 +15,12 @@ from . import models as models_mod
 from .activations import BoundaryStore, choose_storage
 from .adapters import Adapter, adapter_for
 from .errors import InvalidTarget, ModelLoadError
-from .models import LoadedModel, load_model, parse_dtype, resolve_device
+from .models import LoadedModel, count_parameters, load_model, parse_dtype, resolve_device
+from .methods import DEFAULT_METHOD
 from .scoring import BoundaryCache, ModelLayers
 
 
 # -- targets ----------------------------------------------------------------
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def layer_parameters(adapter: Adapter, model: nn.Module) -> int:
     return sum(p.numel() for p in adapter.layers(model)[0].parameters())
 
@@ -70,6 +65,8 @@ class CompressionOptions:
     batch_size: int = 8
     merge_size: int = 2
     allow_remerge: bool = False
+    # The first N original layers are never merged or deleted (come, come-p, come-search).
+    protect_first: int = 0
     norm: str = "fold"
     sbi_tokens: str = "last"  # or "all"
     incremental: bool = True  # False reruns every layer after each merge (reference mode)
@@ -88,6 +85,20 @@ class CompressionOptions:
     laco_thresholds: tuple = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
     laco_interval: int = 2
     laco_min_layer: int = 1
+    # Output refit (refit.py): after every merge or removal, the layer standing for the changed span
+    # gets a ridge least-squares down_proj that reproduces the original model's output of the span.
+    refit: bool = False
+    refit_damping: str | float = "auto"  # relative to mean diag(Z^T Z); auto: chosen on held-out sequences
+    # come-search: candidates per step (merges of the most redundant windows, each with the BI
+    # channel ratio and these first-layer shares; deletions of the lowest-BI layers).
+    search_windows: int = 3
+    search_deletions: int = 3
+    search_ratios: tuple = (0.5,)
+    # replaceme: objective of the linear map, the number of blocks the removed layers are split into,
+    # and the cosine objective's optimisation budget.
+    replaceme_objective: str = "lstsq"
+    replaceme_blocks: int = 1
+    replaceme_epochs: int = 10
 
 
 @dataclass
@@ -145,8 +156,23 @@ class CompressionContext:
         # Lazy: the next score recomputes; the reference mode reruns every layer.
         self.cache.invalidate_from(start if self.options.incremental else 0)
 
-    def merge_window(self, start: int, new_layer: nn.Module, size: int, merge_record: dict) -> None:
-        """Replace layers start..start+size-1 by `new_layer` and update the cache from `start` on."""
+    def protected(self, k: int) -> bool:
+        """Current layer k stands for one of the first `protect_first` original layers."""
+        return self.records[k]["covers"][0] < self.options.protect_first
+
+    def window_eligible(self, start: int, size: int) -> bool:
+        """Layers start..start+size-1 may be merged: none protected, and none merged before unless re-merging is on."""
+        window = range(start, start + size)
+        if any(self.protected(k) for k in window):
+            return False
+        return self.options.allow_remerge or not any(self.records[k]["merged"] for k in window)
+
+    def merge_window(self, start: int, new_layer: nn.Module, size: int, merge_record: dict, refit: dict | None = None) -> None:
+        """Replace layers start..start+size-1 by `new_layer` and update the cache from `start` on.
+
+        With `options.refit`, the new layer is refitted to the span it stands for, unless `refit`
+        (the record of a refit the caller already applied to `new_layer`) is given.
+        """
         cache = self.cache  # built before the layer list changes, so its kwargs line up
         self.layers.replace(start, size, new_layer)
         covers = [c for r in self.records[start : start + size] for c in r["covers"]]
@@ -154,21 +180,66 @@ class CompressionContext:
         self.records[start : start + size] = [{"covers": covers, "position_of": position, "merged": True, "merge": merge_record}]
         cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[start]]
         self.refresh(start)
+        if refit is not None:
+            self.records[start]["refit"] = refit
+        elif self.options.refit:
+            self.apply_refit(start, *self.refit_candidate(start))
 
-    def remove_layers(self, removed: list[int]) -> None:
-        """Delete layers; each removed span is accounted to the kept layer before it (or after, at the start)."""
+    def remove_layers(self, removed: list[int], refitted: dict[int, tuple[nn.Module, dict]] | None = None) -> list[int]:
+        """Delete layers; each removed span is accounted to the kept layer before it (or after, at the start).
+
+        Returns the new indices of the layers that took over a removed span. With `options.refit`
+        they are refitted in order (each on the input its refitted predecessors give it), except
+        those in `refitted` ({new index: (layer, refit record)}), already refitted by the caller.
+        """
         removed = sorted(set(removed))
         keep = [k for k in range(self.num_layers) if k not in removed]
         if not keep:
             raise InvalidTarget("cannot remove every layer")
+        owners = set()
         for k in removed:
             owner = max([j for j in keep if j < k], default=min(keep))
+            owners.add(owner)
             self.records[owner]["covers"] = sorted(self.records[owner]["covers"] + self.records[k]["covers"])
         self.layers.keep(keep)
         self.records = [self.records[k] for k in keep]
         if self._cache is not None:
             self._cache.layer_kwargs = [self._cache.layer_kwargs[k] for k in keep]
             self.refresh(min(removed))
+        new_owners = sorted(keep.index(j) for j in owners)
+        for j in new_owners:
+            if refitted is not None and j in refitted:
+                self.apply_refit(j, *refitted[j])
+            elif self.options.refit:
+                self.apply_refit(j, *self.refit_candidate(j))
+        return new_owners
+
+    # -- output refit ---------------------------------------------------------
+    def refit_candidate(
+        self, k: int, layer: nn.Module | None = None, covers: list[int] | None = None, kwargs: dict | None = None
+    ) -> tuple[nn.Module, dict]:
+        """(refitted copy, record) of `layer` (default: current layer k) standing at position k for the
+        original layers `covers` (default: layer k's), fed the current boundary h_k with the layer
+        kwargs `kwargs` (default: position k's)."""
+        from .refit import refit_layer
+
+        cache = self.cache
+        cache.boundary(k)
+        layer = self.layers[k] if layer is None else layer
+        covers = self.records[k]["covers"] if covers is None else covers
+        new_layer, record = refit_layer(
+            cache, k, layer, cache.layer_kwargs[k] if kwargs is None else kwargs, covers[-1] + 1, self.adapter,
+            self.options.refit_damping,
+        )
+        record["covers"] = [covers[0], covers[-1]]
+        return new_layer, record
+
+    def apply_refit(self, k: int, layer: nn.Module, record: dict) -> None:
+        """Put a refitted layer in place of layer k (same span, same position)."""
+        if record.get("applied", True):
+            self.layers.replace(k, 1, layer)
+            self.refresh(k)
+        self.records[k]["refit"] = record
 
 
 @dataclass
@@ -184,7 +255,7 @@ def compress(
     *,
     ratio: float | None = None,
     target_layers: int | None = None,
-    method: str = "come",
+    method: str = DEFAULT_METHOD,
     out: str | Path | None = None,
     overwrite: bool = False,
     dtype: str = "float32",
@@ -205,16 +276,18 @@ def compress(
     output is streamed into shards of at most `max_shard_size`; the result's
     `model` is then a meta-device skeleton (structure and config, no weights).
     """
-    from .export import build_plan, finalize_model, prepare_output, save_compressed
-    from .methods import check_layerwise, get_method
+    from .export import build_plan, finalize_model, save_compressed
+    from .methods import check_layerwise, get_method, method_defaults
+    from .outputs import prepare_output, work_folder
 
-    opts = CompressionOptions(**options)
     run = get_method(method)
+    opts = resolve_options(method_defaults(method), options)
     if layerwise:
         check_layerwise(method)
         if isinstance(model, LoadedModel):
             raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
-    out_dir = prepare_output(out, overwrite) if out is not None else None  # fail fast, before any work
+    sources = [model] if isinstance(model, (str, Path)) else []
+    out_dir = prepare_output(out, overwrite, sources) if out is not None else None  # fail fast, before any work
     if layerwise:
         from .layerwise import parse_size
 
@@ -243,9 +316,7 @@ def compress(
     # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
     work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
     use_disk = storage == "disk" or merged_on_disk
-    if use_disk:
-        work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="come-work-", dir=work_root) if use_disk else nullcontext() as work:
+    with work_folder(work_root) if use_disk else nullcontext() as work:
         layers = None
         if layerwise:
             from .layerwise import LazyLayers, save_layerwise
@@ -259,6 +330,8 @@ def compress(
             loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers, store=BoundaryStore(storage, work)
         )
         loop_started = time.perf_counter()
+        if opts.refit:
+            ctx.cache  # the refit's targets are the original model's boundaries: capture them first
         run(ctx, target)
         loop_seconds = time.perf_counter() - loop_started
         finalize_model(ctx)
@@ -278,6 +351,8 @@ def compress(
             "activations": storage,
             **({"merged_layers": "disk" if merged_on_disk else "ram"} if layerwise else {}),
             "layers_run": ctx._cache.layers_run if ctx._cache is not None else 0,
+            # Every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
+            "layer_passes": round(ctx._cache.layer_passes, 2) if ctx._cache is not None else 0,
             "method_seconds": round(loop_seconds, 2),  # calibration passes, scores and merges
             **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
         }
@@ -287,13 +362,26 @@ def compress(
         ctx.layers.release()
         result = CompressionResult(ctx.model, loaded.tokenizer, plan)
         if out_dir is not None and layerwise:
-            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size)
+            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size, sources)
         elif out_dir is not None:
-            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite)
+            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite, sources=sources)
     return result
 
 
+def resolve_options(method_defaults: dict, options: dict) -> CompressionOptions:
+    """Options given (None means "not given") over the method's defaults over the global ones."""
+    known = set(CompressionOptions.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidTarget(f"unknown compression option(s): {', '.join(unknown)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    return CompressionOptions(**{**method_defaults, **given})
+
+
 def activation_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions) -> int:
-    """Size of every boundary activation of the calibration set (what BoundaryCache keeps)."""
+    """Size of every boundary activation of the calibration set (what BoundaryCache keeps).
+
+    With the output refit the original model's boundaries are kept too, so up to twice as much."""
     element = torch.empty((), dtype=parse_dtype(opts.activation_dtype)).element_size()
-    return (len(adapter.layers(model)) + 1) * tokens.numel() * model.config.hidden_size * element
+    copies = 2 if opts.refit else 1
+    return copies * (len(adapter.layers(model)) + 1) * tokens.numel() * model.config.hidden_size * element

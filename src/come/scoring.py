@@ -135,6 +135,8 @@ class BoundaryCache:
         self.device = self.layers.device
         self.compute_dtype = self.layers.dtype
         self.layers_run = 0  # counts decoder-layer passes over the whole set (for benchmarks)
+        # Every decoder-layer pass (boundary updates, what-if losses, refits) in whole-set equivalents.
+        self.layer_passes = 0.0
 
         # Layer kwargs depend only on the sequence shape (no padding in
         # calibration), so one single-sequence capture serves every batch.
@@ -149,6 +151,9 @@ class BoundaryCache:
                 x, _ = _capture_layer_inputs(model, adapter, tokens[b0 : b0 + self.batch_size].to(self.device), False)
                 self.h[0][b0 : b0 + x.shape[0]] = x.to(storage_dtype).cpu()
         self.recompute_from(0)
+        # The original model's boundaries: targets of the output refit. Later recomputations make
+        # new tensors (or files), so holding these references keeps them as they are now.
+        self.teacher: list | None = list(self.h)
 
     # -- execution ----------------------------------------------------------
     @property
@@ -173,10 +178,19 @@ class BoundaryCache:
         if len(self.h) < self.num_layers + 1:
             self.recompute_from(len(self.h) - 1)
 
+    def boundary(self, k: int):
+        """h_k, computing the boundaries up to it (and no further) if they are stale."""
+        if len(self.h) <= k:
+            self.recompute_from(len(self.h) - 1, until=k)
+        return self.h[k]
+
+    def count_passes(self, rows: int) -> None:
+        self.layer_passes += rows / self.tokens.shape[0]
+
     @torch.no_grad()
-    def recompute_from(self, start: int) -> None:
-        """Recompute h_{start+1}..h_L by running layers start..L-1."""
-        num = self.num_layers
+    def recompute_from(self, start: int, until: int | None = None) -> None:
+        """Recompute h_{start+1}..h_until (default h_L) by running layers start..until-1."""
+        num = self.num_layers if until is None else until
         del self.h[start + 1 :]
         steps = tqdm(
             range(start, num),
@@ -196,24 +210,37 @@ class BoundaryCache:
                 out[b0:b1] = y.to(self.storage_dtype).cpu()
             self.h.append(out)
             self.layers_run += 1
+            self.layer_passes += 1
 
     # -- what-if passes (posterior searches and loss-based baselines) -----------
-    def current_stack(self, start: int) -> list[tuple[nn.Module, dict]]:
-        """(layer, kwargs) of the current layers start..L-1."""
-        return [(self.layers[k], self.layer_kwargs[k]) for k in range(start, self.num_layers)]
+    def current_stack(self, start: int) -> list[tuple[int, dict]]:
+        """(index, kwargs) of the current layers start..L-1, for `run_through` (which loads each when it runs)."""
+        return [(k, self.layer_kwargs[k]) for k in range(start, self.num_layers)]
 
     @torch.no_grad()
-    def run_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None):
-        """Yield (batch slice, output) of feeding boundary h_start through `stack`, batch by batch."""
-        self.ensure_fresh()
+    def run_through(self, start: int, stack: list[tuple[nn.Module | int, dict]], samples: int | None = None):
+        """Yield (batch slice, output) of feeding boundary h_start through `stack`.
+
+        A stack entry is (layer, kwargs): a module, or the index of a current layer. The pass
+        runs layer by layer over every batch, so a current layer is fetched once per pass (one
+        read from the checkpoint in layer-wise mode) and at most one is held at a time; the
+        activations of the `samples` sequences it feeds stay on the compute device meanwhile.
+        """
+        self.boundary(start)
+        batches = []
         for b0, b1 in self._batches():
             if samples is not None and b0 >= samples:
                 break
-            b1 = b1 if samples is None else min(b1, samples)
-            x = self.h[start][b0:b1].to(self.device, self.compute_dtype)
-            for layer, kwargs in stack:
-                out = layer(x, **kwargs)
-                x = out[0] if isinstance(out, tuple) else out
+            batches.append((b0, b1 if samples is None else min(b1, samples)))
+        xs = [self.h[start][b0:b1].to(self.device, self.compute_dtype) for b0, b1 in batches]
+        for layer, kwargs in stack:
+            module = self.layers[layer] if isinstance(layer, int) else layer
+            for i, (b0, b1) in enumerate(batches):
+                out = module(xs[i], **kwargs)
+                xs[i] = out[0] if isinstance(out, tuple) else out
+                self.count_passes(b1 - b0)
+            del module
+        for (b0, b1), x in zip(batches, xs):
             yield slice(b0, b1), x
 
     @torch.no_grad()

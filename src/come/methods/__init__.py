@@ -19,16 +19,25 @@ class MethodFn(Protocol):
     def __call__(self, ctx, target_layers: int) -> None: ...
 
 
+# What `come compress` uses unless told otherwise: the best method measured (README, bench/results).
+DEFAULT_METHOD = "come-search"
+
 METHODS: dict[str, MethodFn] = {}
 DESCRIPTIONS: dict[str, str] = {}
 # Methods that run in layer-wise mode (they only touch layers through ctx.layers / ctx.cache a
 # few at a time), and for the others what they would need in memory.
 LAYERWISE: set[str] = set()
 NEEDS: dict[str, str] = {}
+# Option values a method uses unless the user gives them (e.g. come-search refits by default).
+DEFAULTS: dict[str, dict] = {}
 
 
 def register(
-    name: str, description: str, layerwise: bool = False, needs: str = "the whole model in memory"
+    name: str,
+    description: str,
+    layerwise: bool = False,
+    needs: str = "the whole model in memory",
+    defaults: dict | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
         METHODS[name] = fn
@@ -36,6 +45,7 @@ def register(
         if layerwise:
             LAYERWISE.add(name)
         NEEDS[name] = needs
+        DEFAULTS[name] = dict(defaults or {})
         return fn
 
     return wrap
@@ -51,6 +61,11 @@ def get_method(name: str) -> MethodFn:
     if name not in METHODS:
         raise ComeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def method_defaults(name: str) -> dict:
+    get_method(name)
+    return dict(DEFAULTS[name])
 
 
 def check_layerwise(name: str) -> None:

@@ -14,14 +14,11 @@ def choose_window(ctx, size: int):
     cache = ctx.cache
     bi = cache.block_influence()
     sbi = cache.window_distance(size, all_tokens=ctx.options.sbi_tokens == "all")
-    eligible = [
-        i
-        for i in range(len(sbi))
-        if ctx.options.allow_remerge or not any(r["merged"] for r in ctx.records[i : i + size])
-    ]
+    eligible = [i for i in range(len(sbi)) if ctx.window_eligible(i, size)]
     if not eligible:
+        protected = f" or protected (--protect-first {ctx.options.protect_first})" if ctx.options.protect_first else ""
         raise MergeError(
-            f"no window of {size} layers without an earlier merge is left at {ctx.num_layers} layers; "
+            f"no window of {size} layers without an earlier merge{protected} is left at {ctx.num_layers} layers; "
             "pass --allow-remerge or ask for fewer removed layers"
         )
     start = min(eligible, key=lambda i: (sbi[i].item(), i))

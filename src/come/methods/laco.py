@@ -87,7 +87,7 @@ class _Pass:
         self.threshold = threshold
         layers = ctx.cache.current_stack(0)
         # (layer, kwargs, original layers covered) of the simulated model.
-        self.stack = [(layer, kw, list(rec["covers"])) for (layer, kw), rec in zip(layers, ctx.records)]
+        self.stack = [(ctx.layers[k], kw, list(rec["covers"])) for (k, kw), rec in zip(layers, ctx.records)]
         self.merges: list[dict] = []  # accepted: window, merged layer, similarity
         self.events: list[dict] = []
         size_max, interval = int(ctx.options.merge_size), int(ctx.options.laco_interval)
