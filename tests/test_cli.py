@@ -41,7 +41,7 @@ def test_compress_then_eval(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     numbers = json.loads(report.read_text())
     assert numbers["perplexity"]["wikipedia"]["tokens"] == 300 - 5  # 4 full windows + one of 44, one token less each
-    assert numbers["layers"] == 4 and numbers["plan"]["method"] == "come"
+    assert numbers["layers"] == 4 and numbers["plan"]["method"] == "come-search"  # the default
 
 
 def _assert_clean_failure(result, out, pattern):

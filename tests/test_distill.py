@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher_dir = save_teacher(root / "teacher")
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
-    compress(loaded, target_layers=3, tokens=tiny_tokens(), out=root / "compressed", progress=False)
+    compress(loaded, target_layers=3, method="come", tokens=tiny_tokens(), out=root / "compressed", progress=False)
     return root, teacher_dir, root / "compressed"
 
 
@@ -73,6 +73,19 @@ def test_stage1_lowers_training_loss_and_held_out_span_error(setup, single_run):
     before = span_errors(teacher, AutoModelForCausalLM.from_pretrained(compressed), plan["layers"], HELD_OUT)
     after = span_errors(teacher, AutoModelForCausalLM.from_pretrained(out), plan["layers"], HELD_OUT)
     assert all(after[k] < 0.8 * before[k] for k in before), (before, after)
+
+
+def test_default_method_output_distills(setup, tmp_path):
+    """come-search mixes merges and refitted deletions: every layer standing for a span is trained."""
+    root, teacher_dir, _ = setup
+    loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
+    compress(loaded, target_layers=4, tokens=tiny_tokens(), out=tmp_path / "search", progress=False)
+    plan = json.loads((tmp_path / "search" / "come_plan.json").read_text())
+    assert plan["method"] == "come-search"
+    spans = [k for k, layer in enumerate(plan["layers"]) if len(layer["covers"]) > 1]
+    summary = distill(tmp_path / "search", tmp_path / "out", teacher=teacher_dir, **{**SETTINGS, "epochs": 1})
+    assert sorted(summary["stage1"]["layers"]) == spans
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 4
 
 
 def test_output_reloads_with_plan_and_distillation_record(setup, single_run):

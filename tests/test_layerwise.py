@@ -83,6 +83,22 @@ def test_shortgpt_layerwise_single_file_output(tmp_path):
     _assert_same_result(reference, tmp_path / "out", result.plan)
 
 
+@pytest.mark.parametrize("method,options", [
+    ("come-search", {"search_samples": 4}),
+    ("replaceme", {}),
+    ("replaceme", {"replaceme_objective": "cosine", "replaceme_epochs": 2}),
+    ("shortgpt", {"refit": True}),
+    ("come", {"refit": True}),
+])
+def test_new_methods_and_refit_layerwise_match_in_memory(method, options, tmp_path):
+    src = _folder(tmp_path, "qwen2")
+    reference = _in_memory(src, target_layers=4, method=method, **options)
+    result = _layerwise(src, target_layers=4, method=method, out=tmp_path / "out", **options)
+    _assert_same_result(reference, tmp_path / "out", result.plan)
+    if options.get("refit") or method == "come-search":
+        assert any("refit" in layer for layer in result.plan["layers"])
+
+
 def test_disk_cache_equals_ram_and_is_cleaned_up(tmp_path):
     src = _folder(tmp_path, "llama")
     ram = _layerwise(src, target_layers=4, out=tmp_path / "ram", activation_storage="ram")
@@ -127,7 +143,7 @@ def test_at_most_two_layers_materialised(tmp_path, monkeypatch):
         return module
 
     monkeypatch.setattr(LazyLayers, "_materialise", staticmethod(counting))
-    result = _layerwise(src, target_layers=8)
+    result = _layerwise(src, target_layers=8, method="come")
     assert result.plan["final_layers"] == 8
     assert peak[0] <= 2, peak[0]
     execution = result.plan["execution"]

@@ -20,6 +20,7 @@ def _loaded(family="llama", seed=0, **overrides):
 
 def _run(family="llama", target=3, **options):
     options.setdefault("progress", False)
+    options.setdefault("method", "come")  # these tests are about CoMe's merge loop
     return compress(_loaded(family), target_layers=target, tokens=tiny_tokens(), **options)
 
 

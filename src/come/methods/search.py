@@ -1,0 +1,190 @@
+"""come-search: loss-guided merge-or-drop, with the output refit.
+
+Every step removes one layer (a window of `merge_size` merges removes
+`merge_size - 1`; the last window shrinks to land on the target) by the best
+of these candidate operations on the current model:
+
+- merge of each of the `search_windows` most redundant windows (lowest window
+  distance; windows holding an earlier merge are allowed unless
+  `allow_remerge` is off), once with CoMe's block-influence channel ratio and
+  once for every first-layer share in `search_ratios`;
+- deletion of each of the `search_deletions` layers of lowest block influence
+  (the deleted span goes to the layer before it, as in ShortGPT).
+
+The first `protect_first` original layers (default 1: layer 0, which reads the
+embeddings and is the most influential layer of every model we measured) are
+never merged or deleted, so no budget can force them into a merge.
+
+With `refit` on (the default) each candidate is refitted before it is scored:
+the layer that stands for the changed span gets the closed-form down_proj of
+`refit.py`. A candidate's score is the calibration loss (next-token
+cross-entropy on the first `search_samples` sequences) of the model with it in
+place, run from the boundary cache at the changed position only. The lowest
+loss wins (ties: the earlier candidate in the order above), so at every step
+the chosen operation's loss is no higher than that of the best deletion
+candidate. Every candidate's loss is in the plan's steps.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from ..errors import MergeError
+from . import register
+from .come import bi_ratios, merge_with_ratios
+from .come_p import candidate_ratios
+
+
+def ratio_vectors(bi, start: int, size: int, shares) -> list[tuple[str, list[float]]]:
+    """(name, ratios) of a window: the BI ratio first, then each first-layer share; duplicates dropped."""
+    out = [("bi", bi_ratios(bi, start, size))]
+    for r in shares:
+        ratios = candidate_ratios(bi, start, size, float(r))
+        if not any(max(abs(a - b) for a, b in zip(ratios, seen)) < 1e-9 for _, seen in out):
+            out.append((f"r={float(r):g}", ratios))
+    return out
+
+
+def merge_candidates(ctx, size: int, bi, sbi) -> list[int]:
+    """Starts of the `search_windows` windows of lowest distance (ties: the lower start)."""
+    eligible = [i for i in range(len(sbi)) if ctx.window_eligible(i, size)]
+    return sorted(eligible, key=lambda i: (sbi[i].item(), i))[: max(0, int(ctx.options.search_windows))]
+
+
+def deletion_candidates(ctx, bi) -> list[int]:
+    """The `search_deletions` unprotected layers of lowest block influence (ties: the lower index)."""
+    eligible = [k for k in range(len(bi)) if not ctx.protected(k)]
+    return sorted(eligible, key=lambda k: (bi[k].item(), k))[: max(0, int(ctx.options.search_deletions))]
+
+
+class _Memo:
+    """Candidate layers (and channel sensitivities) kept between steps while still valid.
+
+    A candidate built from layers that all lie before the part of the model an operation
+    changed sees the same layers, the same input boundary and the same teacher target, so the
+    merged or refitted layer would come out the same: only its loss (which depends on the
+    layers after it) is computed again. Entries are keyed by the original layers involved and
+    dropped once an operation changes anything from their first original layer on.
+    """
+
+    def __init__(self):
+        self.entries: dict = {}
+
+    def get(self, key, build):
+        if key not in self.entries:
+            self.entries[key] = build()
+        return self.entries[key]
+
+    def changed_from(self, original_layer: int) -> None:
+        self.entries = {k: v for k, v in self.entries.items() if k[-1] < original_layer}
+
+
+def _window_key(ctx, kind: str, positions, extra=()) -> tuple:
+    covers = tuple(tuple(ctx.records[k]["covers"]) for k in positions)
+    return (kind, covers, *extra, max(c for cov in covers for c in cov))
+
+
+def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
+    """Score every candidate, apply the best; returns the step record."""
+    cache, opts = ctx.cache, ctx.options
+    memo = memo if memo is not None else _Memo()
+    samples = opts.search_samples
+    bi = cache.block_influence()
+    sbi = cache.window_distance(size, all_tokens=opts.sbi_tokens == "all")
+    scored, candidates = [], []
+
+    # Merges.
+    for start in merge_candidates(ctx, size, bi, sbi):
+        window = range(start, start + size)
+        sensitivities = {k: memo.get(_window_key(ctx, "sensitivity", [k]), lambda k=k: cache.channel_sensitivity(k))
+                         for k in window}
+        covers = [c for k in window for c in ctx.records[k]["covers"]]
+        for name, ratios in ratio_vectors(bi, start, size, opts.search_ratios):
+            def build(ratios=ratios):
+                merged, record = merge_with_ratios(ctx, start, size, ratios, sensitivities)
+                refit = None
+                if opts.refit:
+                    merged, refit = ctx.refit_candidate(start, merged, covers=covers)
+                return merged, record, refit
+
+            key = _window_key(ctx, "merge", window, (name, tuple(round(r, 9) for r in ratios), opts.refit))
+            merged, record, refit = memo.get(key, build)
+            stack = [(merged, cache.layer_kwargs[start])] + cache.current_stack(start + size)
+            loss = cache.loss_through(start, stack, samples=samples)
+            entry = {"op": "merge", "window": [start, start + size - 1], "covers": covers, "ratios": name,
+                     "ratio_values": [round(r, 6) for r in ratios], "loss": loss}
+            if refit is not None:
+                entry["refit_error"] = [refit["error_before"], refit["error_after"]]
+            scored.append(entry)
+            candidates.append({"entry": entry, "layer": merged, "record": record, "refit": refit, "start": start})
+
+    # Deletions: the span of layer k goes to the layer before it (after it, for layer 0).
+    for k in deletion_candidates(ctx, bi):
+        if ctx.num_layers < 2:
+            break
+        owner = k - 1 if k > 0 else 1
+        covers = sorted(ctx.records[owner]["covers"] + ctx.records[k]["covers"])
+        refit, layer = None, None
+        if opts.refit:
+            first = min(owner, k)  # where the changed part of the model starts: the refitted owner
+            layer, refit = memo.get(
+                _window_key(ctx, "delete", sorted([owner, k])),
+                lambda: ctx.refit_candidate(first, ctx.layers[owner], covers=covers, kwargs=cache.layer_kwargs[owner]),
+            )
+            stack = [(layer, cache.layer_kwargs[owner])] + cache.current_stack(max(owner, k) + 1)
+        else:  # as SLEB: h_k fed to the layers after k
+            stack, first = cache.current_stack(k + 1), k
+        loss = cache.loss_through(first, stack, samples=samples)
+        entry = {"op": "delete", "layer": k, "covers": list(ctx.records[k]["covers"]), "owner_covers": covers,
+                 "bi": round(bi[k].item(), 6), "loss": loss}
+        if refit is not None:
+            entry["refit_error"] = [refit["error_before"], refit["error_after"]]
+        scored.append(entry)
+        candidates.append({"entry": entry, "layer": layer, "refit": refit, "delete": k})
+
+    if not candidates:
+        raise MergeError(
+            f"come-search has no candidate at {ctx.num_layers} layers: raise --search-windows or --search-deletions"
+        )
+    # The lowest loss; ties go to the earlier candidate (merges by window distance, then deletions by BI).
+    chosen = min(enumerate(candidates), key=lambda item: (item[1]["entry"]["loss"], item[0]))[1]
+    step = {
+        "step": len(ctx.steps),
+        "layers_before": ctx.num_layers,
+        "bi": [round(v, 6) for v in bi.tolist()],
+        "sbi": [round(v, 6) for v in sbi.tolist()],
+        "candidates": scored,
+        "chosen": chosen["entry"],
+        "best_deletion_loss": min((c["loss"] for c in scored if c["op"] == "delete"), default=None),
+    }
+    ctx.steps.append(step)
+    if "delete" in chosen:
+        k = chosen["delete"]
+        first = k - 1 if (chosen["refit"] is not None and k > 0) else k  # the refitted owner, or k itself
+        memo.changed_from(ctx.records[first]["covers"][0])
+        refitted = None
+        if chosen["refit"] is not None:
+            refitted = {max(0, k - 1): (chosen["layer"], chosen["refit"])}
+        ctx.remove_layers([k], refitted=refitted)
+    else:
+        memo.changed_from(ctx.records[chosen["start"]]["covers"][0])
+        ctx.merge_window(chosen["start"], chosen["layer"], size, {**chosen["record"], "rule": "come-search",
+                         "ratios": chosen["entry"]["ratios"]}, refit=chosen["refit"])
+    return step
+
+
+@register(
+    "come-search",
+    "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
+    layerwise=True,
+    defaults={"refit": True, "allow_remerge": True, "search_samples": 8, "protect_first": 1},
+)
+def run(ctx, target_layers: int) -> None:
+    total = ctx.num_layers - target_layers
+    memo = _Memo()
+    with tqdm(total=total, desc="merge-or-drop search", unit="layer", disable=not ctx.options.progress) as bar:
+        while ctx.num_layers > target_layers:
+            size = min(ctx.options.merge_size, ctx.num_layers - target_layers + 1)
+            before = ctx.num_layers
+            search_step(ctx, size, memo)
+            bar.update(before - ctx.num_layers)

@@ -1,0 +1,116 @@
+"""come-search: loss-guided merge-or-drop equals a brute-force search and never walks into a dead end."""
+
+import copy
+
+import pytest
+import torch
+
+from come.adapters import adapter_for
+from come.methods.come import merge_with_ratios
+from come.methods.search import ratio_vectors
+from come.models import LoadedModel
+from come.pipeline import CompressionContext, CompressionOptions, compress
+from come.testing import tiny_model, tiny_tokens
+
+TOKENS = tiny_tokens(nsamples=8, seqlen=32)
+SAMPLES = 4
+EVERYTHING = dict(search_windows=10, search_deletions=10, search_ratios=(0.25, 0.5, 0.75), search_samples=SAMPLES,
+                  protect_first=0)
+
+
+def _search(model, target, **options):
+    return compress(LoadedModel(model, None, {}), target_layers=target, method="come-search", tokens=TOKENS,
+                    progress=False, batch_size=3, **options)
+
+
+@torch.no_grad()
+def _model_loss(model):
+    ids = TOKENS[:SAMPLES]
+    return model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+
+
+def _with_layers(model, layers):
+    candidate = copy.deepcopy(model)
+    adapter = adapter_for(model.config)
+    adapter.set_layers(candidate, [copy.deepcopy(layer) for layer in layers])
+    candidate.config.num_hidden_layers = len(layers)
+    for idx, layer in enumerate(adapter.layers(candidate)):
+        layer.self_attn.layer_idx = idx
+    return candidate
+
+
+@torch.no_grad()
+def test_one_step_equals_brute_force_over_every_merge_and_deletion():
+    model = tiny_model("llama", seed=7)
+    original = copy.deepcopy(model)
+    layers = list(adapter_for(model.config).layers(original))
+    # Brute force: every window with every ratio vector, every deletion, each scored as a whole model.
+    ctx = CompressionContext(copy.deepcopy(original), None, adapter_for(model.config), TOKENS,
+                             CompressionOptions(progress=False, batch_size=3, **EVERYTHING))
+    bi = ctx.cache.block_influence()
+    brute = []
+    for start in range(5):
+        for name, ratios in ratio_vectors(bi, start, 2, EVERYTHING["search_ratios"]):
+            merged, _ = merge_with_ratios(ctx, start, 2, ratios)
+            brute.append((("merge", start, name), _model_loss(_with_layers(original, layers[:start] + [merged] + layers[start + 2 :]))))
+    for k in range(6):
+        brute.append((("delete", k), _model_loss(_with_layers(original, layers[:k] + layers[k + 1 :]))))
+
+    result = _search(model, 5, refit=False, **EVERYTHING)
+    step = result.plan["steps"][0]
+    scored = {(c["op"], c["window"][0], c["ratios"]) if c["op"] == "merge" else (c["op"], c["layer"]): c["loss"]
+              for c in step["candidates"]}
+    assert set(scored) == {key for key, _ in brute}
+    for key, loss in brute:
+        assert scored[key] == pytest.approx(loss, rel=1e-5), key
+    best_key = min(brute, key=lambda item: item[1])[0]
+    chosen = step["chosen"]
+    chosen_key = (chosen["op"], chosen["window"][0], chosen["ratios"]) if chosen["op"] == "merge" else (chosen["op"], chosen["layer"])
+    assert chosen_key == best_key
+    # What was scored is what was applied.
+    assert _model_loss(result.model) == pytest.approx(chosen["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_every_step_is_no_worse_than_the_best_deletion(refit):
+    result = _search(tiny_model("llama", seed=8), 3, refit=refit, search_samples=SAMPLES)
+    for step in result.plan["steps"]:
+        losses = [c["loss"] for c in step["candidates"]]
+        assert step["chosen"]["loss"] == min(losses) <= step["best_deletion_loss"]
+        assert {c["op"] for c in step["candidates"]} == {"merge", "delete"}
+        if refit:
+            assert all("refit_error" in c for c in step["candidates"])
+    # The last step's scored loss is the loss of the model written out (refits included).
+    assert _model_loss(result.model) == pytest.approx(result.plan["steps"][-1]["chosen"]["loss"], rel=1e-5)
+    assert sorted(c for layer in result.plan["layers"] for c in layer["covers"]) == list(range(6))
+
+
+def test_default_never_merges_layer_zero_on_a_deep_model():
+    """24 -> 13 layers removes 11 of 24: without re-merging, disjoint windows run out (the Qwen2 case)."""
+    model = tiny_model("llama", seed=9, num_hidden_layers=24)
+    tokens = tiny_tokens(nsamples=8, seqlen=32, seed=1)
+    result = compress(LoadedModel(model, None, {}), target_layers=13, tokens=tokens, progress=False, batch_size=4)
+    assert result.plan["method"] == "come-search" and result.plan["final_layers"] == 13
+    assert not any(layer["merged"] and 0 in layer["covers"] for layer in result.plan["layers"])
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_reusing_candidates_between_steps_changes_nothing(refit, monkeypatch):
+    from come.methods.search import _Memo
+
+    options = dict(refit=refit, search_samples=SAMPLES, search_ratios=(0.5,), search_windows=4, search_deletions=4)
+    memo_hits = []
+    original_get = _Memo.get
+
+    def counting_get(self, key, build):
+        memo_hits.append(key in self.entries)
+        return original_get(self, key, build)
+
+    monkeypatch.setattr(_Memo, "get", counting_get)
+    reused = _search(tiny_model("llama", seed=10, num_hidden_layers=8), 4, **options)
+    assert any(memo_hits)  # the memo did serve candidates
+    monkeypatch.setattr(_Memo, "get", lambda self, key, build: build())
+    fresh = _search(tiny_model("llama", seed=10, num_hidden_layers=8), 4, **options)
+    assert reused.plan["steps"] == fresh.plan["steps"] and reused.plan["layers"] == fresh.plan["layers"]
+    a, b = reused.model.state_dict(), fresh.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
