@@ -13,22 +13,27 @@ runner = CliRunner()
 def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):  # noqa: F811
     out = tmp_path / "bench"
     args = [
-        "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco", "--ratios", "0.005,0.01",  # one layer is ~0.5% of this tiny model
+        "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco,shortgpt+refit:shortgpt", "--ratios", "0.005,0.01",  # one layer is ~0.5% of this tiny model
         "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4",
-        "--set", "laco.merge_size=3", "-q",
+        "--set", "laco.merge_size=3", "--set", "shortgpt+refit.refit=true", "-q",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = [json.loads(p.read_text())["row"] for p in sorted((out / "cells").glob("*.json"))]
-    assert len(rows) == 1 + 3 * 2
-    assert {r["method"] for r in rows} == {"dense", "come", "shortgpt", "laco"}
+    assert len(rows) == 1 + 4 * 2
+    assert {r["method"] for r in rows} == {"dense", "come", "shortgpt", "laco", "shortgpt+refit"}
+    # A labelled variant runs its base method with its own options.
+    variant = json.loads((out / "cells" / "shortgpt+refit-r0.01.json").read_text())
+    assert variant["settings"]["base_method"] == "shortgpt" and variant["settings"]["method_options"] == {"refit": True}
+    assert all("refit" in layer for layer in variant["plan_layers"] if len(layer["covers"]) > 1)
+    assert all(r["layer_passes"] > 0 for r in rows if r["method"] != "dense")
     assert all(r.get("ppl_wikipedia", 0) > 1 for r in rows)
     csv = (out / "results.csv").read_text().splitlines()
-    assert len(csv) == 1 + 7 and (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0
+    assert len(csv) == 1 + 9 and (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0
     assert not (out / "models").exists() or not any((out / "models").iterdir())
 
     again = runner.invoke(app, args)
-    assert again.exit_code == 0 and again.output.count("skipped") == 7
+    assert again.exit_code == 0 and again.output.count("skipped") == 9
 
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--set", "laco.nope=1"])
     assert bad.exit_code == 2 and "unknown option" in bad.output

@@ -9,13 +9,24 @@ import time
 from pathlib import Path
 
 from .errors import ComeError
-from .export import write_json_atomic
+from .outputs import check_writable, write_json_atomic
 
 DENSE = "dense"
 
 
 def cell_name(method: str, ratio: float) -> str:
     return DENSE if method == DENSE else f"{method}-r{ratio:g}"
+
+
+def parse_method_spec(spec: str) -> tuple[str, str]:
+    """'LABEL:METHOD' (a variant of METHOD, configured by --set LABEL.OPTION=VALUE) or 'METHOD' -> (label, method)."""
+    import re
+
+    label, sep, method = spec.partition(":")
+    method = method if sep else label
+    if not re.fullmatch(r"[A-Za-z0-9+_-]+", label):
+        raise ComeError(f"method label {label!r} may hold letters, digits, +, _ and - only")
+    return label, method
 
 
 def run_bench(
@@ -41,7 +52,11 @@ def run_bench(
     from .methods import get_method
     from .pipeline import compress
 
-    for method in methods:
+    base_of = dict(parse_method_spec(m) for m in methods)
+    if len(base_of) != len(methods):
+        raise ComeError("--methods names a label twice")
+    methods = list(base_of)
+    for label, method in base_of.items():
         if method != DENSE:
             get_method(method)  # unknown names fail before any work
     stray = sorted(set(method_options or {}) - set(methods))
@@ -50,6 +65,7 @@ def run_bench(
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ComeError(f"--ratios must be values in (0, 1), got {ratios}")
     out = Path(out)
+    check_writable(out, "bench")  # before hours of work, not after the first cell
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = [(m, 0.0) for m in methods if m == DENSE] + [(m, r) for r in ratios for m in methods if m != DENSE]
     settings = {
@@ -68,6 +84,8 @@ def run_bench(
         cell_file = out / "cells" / f"{name}.json"
         # A cell depends on the shared settings and on its own method's overrides only.
         cell_settings = {**settings, "method_options": (method_options or {}).get(method, {})}
+        if base_of[method] != method:
+            cell_settings["base_method"] = base_of[method]
         if cell_file.is_file():
             previous = json.loads(cell_file.read_text())
             if previous.get("settings") == cell_settings:
@@ -80,7 +98,7 @@ def run_bench(
             start = time.perf_counter()
             try:
                 result = compress(
-                    model, ratio=ratio, method=method, out=model_dir, overwrite=True, seed=seed,
+                    model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True, seed=seed,
                     progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
                 )
             except ComeError as exc:  # e.g. no eligible window: a result too, keep going
@@ -113,6 +131,7 @@ def run_bench(
             "parameters": evaluation["parameters"],
             "removed_fraction": plan["removed_parameter_fraction"] if plan else 0.0,
             "compress_seconds": round(compress_seconds, 1) if compress_seconds is not None else None,
+            "layer_passes": plan["execution"].get("layer_passes") if plan else None,
         }
         for source, r in evaluation["perplexity"].items():
             row[f"ppl_{source}"] = r["ppl"]
@@ -120,8 +139,12 @@ def run_bench(
         if zs:
             for task, r in zs["tasks"].items():
                 row[task] = r[r["average_metric"]]
+                row[f"{task}_stderr"] = r[f"{r['average_metric']}_stderr"]
+            row["n_per_task"] = min(r["n"] for r in zs["tasks"].values())
             row["avg_acc"] = zs["average"]
-        write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None})
+            row["avg_acc_stderr"] = zs.get("average_stderr")
+        write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None,
+                                      "plan_layers": plan["layers"] if plan else None})
 
     rows = []
     for method, ratio in cells:
@@ -146,6 +169,13 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str) -> N
             return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
         return str(value)
 
+    # Markdown shows "value ± stderr" in one column; the CSV keeps them apart.
+    shown = [c for c in columns if not c.endswith("_stderr")]
+
+    def cell(r, c):
+        se = r.get(f"{c}_stderr")
+        return fmt(r.get(c)) + (f" ± {se:.4f}" if isinstance(se, float) and r.get(c) is not None else "")
+
     lines = [
         "# come bench results",
         "",
@@ -153,12 +183,13 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str) -> N
         "",
         f"Settings: `{json.dumps(settings)}`",
         "",
-        "Average accuracy: acc_norm for arc_challenge, hellaswag, openbookqa; acc for the others.",
+        "Average accuracy: acc_norm for arc_challenge, hellaswag, openbookqa; acc for the others. "
+        "± is lm-eval's standard error; the average's is sqrt(sum of squared task stderrs) / tasks.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
+        "| " + " | ".join(shown) + " |",
+        "|" + "---|" * len(shown),
     ]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

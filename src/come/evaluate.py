@@ -132,8 +132,11 @@ def print_report(result: dict) -> None:
     if zs:
         for task, r in zs["tasks"].items():
             acc_norm = "-" if r.get("acc_norm") is None else f"{r['acc_norm']:.4f}"
-            table.add_row(task, f"{r[r['average_metric']]:.4f}", f"acc {r['acc']:.4f}, acc_norm {acc_norm}, n={r['n']} ({r['average_metric']} averaged)")
-        table.add_row("average", f"{zs['average']:.4f}", f"limit {zs.get('limit')}")
+            se = r.get(f"{r['average_metric']}_stderr")
+            shown = f"{r[r['average_metric']]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+            table.add_row(task, shown, f"acc {r['acc']:.4f}, acc_norm {acc_norm}, n={r['n']} ({r['average_metric']} averaged)")
+        se = zs.get("average_stderr")
+        table.add_row("average", f"{zs['average']:.4f}" + (f" ± {se:.4f}" if se is not None else ""), f"limit {zs.get('limit')}")
     if "speed" in result:
         s = result["speed"]
         table.add_row("prefill tok/s", f"{s['prefill_tokens_per_s']:.1f}", f"batch {s['batch_size']}, prompt {s['prompt_len']}")
