@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -55,13 +56,22 @@ def print_summary(plan: dict, out_dir: Optional[Path]) -> None:
     table.add_column("new layer", justify="right")
     table.add_column("original layers")
     table.add_column("kept KV groups / neurons per source")
+    table.add_column("refit: span error before -> after")
     for layer in plan["layers"]:
         merge = layer.get("merge")
         if merge and "sources" in merge:
             detail = ", ".join(f"L{s['covers'][0]}: {len(s['kv_groups'])}/{len(s['neurons'])}" for s in merge["sources"])
+        elif len(layer["covers"]) > 1 and not merge:
+            detail = "deletion" + (" + linear map" if "transform" in layer else "")
         else:  # kept layer, or a merge rule without channel selection (laco)
             detail = merge.get("rule", "merged") if merge else "-"
-        table.add_row(str(layer["index"]), ",".join(map(str, layer["covers"])), detail)
+        refit = layer.get("refit")
+        fit = "-"
+        if refit:
+            key = "held_out" if "held_out" in refit["error_after"] else "calibration"
+            fit = f"{refit['error_before'][key]:.3f} -> {refit['error_after'][key]:.3f} ({key.replace('_', '-')})"
+            fit += "" if refit.get("applied", True) else ", not applied"
+        table.add_row(str(layer["index"]), ",".join(map(str, layer["covers"])), detail, fit)
     console = Console(stderr=True)
     console.print(table)
     console.print(
@@ -82,7 +92,7 @@ def compress(
         None, help="Fraction of all parameters to remove, in (0, 1); converted to a whole number of layers."
     ),
     target_layers: Optional[int] = typer.Option(None, help="Number of decoder layers to keep (instead of --ratio)."),
-    method: str = typer.Option("come", help="Compression method; `come methods` lists them."),
+    method: str = typer.Option(DEFAULT_METHOD, help="Compression method; `come methods` lists them."),
     calib: str = typer.Option(
         "wikipedia", help="Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online)."
     ),
@@ -91,13 +101,31 @@ def compress(
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     batch_size: int = typer.Option(8, min=1, help="Sequences per forward pass during calibration."),
     merge_size: int = typer.Option(2, min=2, help="Adjacent layers merged per step."),
-    allow_remerge: bool = typer.Option(False, help="Allow windows that contain an already merged layer."),
+    allow_remerge: Optional[bool] = typer.Option(
+        None, help="Allow windows that contain an already merged layer. Default: the method's (come: yes; see README)."
+    ),
     norm: NormMode = typer.Option(NormMode.fold, help="RMSNorm gains: fold into the maps they feed (exact) or mean."),
     sbi_tokens: SbiTokens = typer.Option(SbiTokens.last, help="Tokens used for window distance: last or all."),
     granularity: int = typer.Option(20, min=1, help="come-p: channel-ratio grid steps (G+1 candidates per merge)."),
     search_samples: Optional[int] = typer.Option(
-        None, min=1, help="Calibration sequences used by loss/similarity searches (come-p, sleb, laco); default all."
+        None, min=1,
+        help="Calibration sequences used by loss/similarity searches (come-search: 8; come-p, sleb, laco: all).",
     ),
+    refit: Optional[bool] = typer.Option(
+        None,
+        help="After every merge or removal, refit the new layer's down_proj (ridge least squares) to reproduce the "
+        "original model over the span it replaces. Default: the method's (on for come-search, off otherwise).",
+    ),
+    refit_damping: str = typer.Option(
+        "auto", help="Refit damping relative to the mean diagonal of Z^T Z, or auto (chosen on held-out sequences)."
+    ),
+    search_windows: int = typer.Option(3, min=0, help="come-search: merge candidates (most redundant windows) per step."),
+    search_deletions: int = typer.Option(3, min=0, help="come-search: deletion candidates (lowest-BI layers) per step."),
+    search_ratios: str = typer.Option(
+        "0.5", help="come-search: first-layer channel shares tried besides the BI ratio (comma list in [0, 1])."
+    ),
+    replaceme_objective: str = typer.Option("lstsq", help="replaceme: lstsq (closed form) or cosine (Adam)."),
+    replaceme_blocks: int = typer.Option(1, min=1, help="replaceme: remove the layers as this many blocks."),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     layerwise: bool = typer.Option(
@@ -146,6 +174,13 @@ def compress(
             sbi_tokens=sbi_tokens.value,
             granularity=granularity,
             search_samples=search_samples,
+            refit=refit,
+            refit_damping=refit_damping,
+            search_windows=search_windows,
+            search_deletions=search_deletions,
+            search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
+            replaceme_objective=replaceme_objective,
+            replaceme_blocks=replaceme_blocks,
             progress=not quiet,
         )
     except _user_errors() as exc:
@@ -174,7 +209,7 @@ def eval_command(
     """Evaluate a model: perplexity, zero-shot accuracy (lm-evaluation-harness) and speed."""
     try:
         from .evaluate import evaluate, parse_list, print_report
-        from .export import write_json_atomic
+        from .outputs import write_json_atomic
 
         result = evaluate(
             model,

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .adapters import Adapter, adapter_for
 from .errors import ComeError, ModelLoadError, NonFiniteActivations, OutputExists
-from .export import PLAN_FILE, prepare_output, save_compressed, versions, write_json_atomic
+from .export import PLAN_FILE, save_compressed, versions
+from .outputs import check_not_source, prepare_output, write_json_atomic
 from .models import DTYPES, load_model, resolve_device
 from .scoring import _capture_layer_inputs
 
@@ -761,10 +762,11 @@ def distill(
     _check_options(o)
     started = time.perf_counter()
     compressed_dir = Path(compressed_dir).expanduser().resolve()
-    out = prepare_output(out, overwrite)
+    out = prepare_output(out, overwrite, sources=[compressed_dir])  # before any work
     work = out.with_name(out.name + ".partial")
     plan = _load_plan(compressed_dir)
     teacher_source = _teacher_source(plan, teacher)
+    check_not_source(out, [teacher_source])
 
     external = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun: one call per rank
     if external and not dist.is_initialized():

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import platform
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .errors import OutputExists
+from .models import count_parameters
+from .outputs import atomic_folder
 
 PLAN_FILE = "come_plan.json"
 
@@ -56,7 +53,6 @@ def finalize_model(ctx) -> None:
 
 
 def build_plan(ctx, *, method: str, source: dict, original_layers: int, original_params: int, ratio, seconds: float) -> dict:
-    from .pipeline import count_parameters
     from .data import describe_source
 
     opts = ctx.options
@@ -88,15 +84,6 @@ def build_plan(ctx, *, method: str, source: dict, original_layers: int, original
     }
 
 
-def prepare_output(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise OutputExists(f"output folder {out} exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"output path {out} exists and is not a folder")
-    return out
-
-
 def _model_card(plan: dict) -> str:
     rows = "\n".join(
         f"| {layer['index']} | {', '.join(map(str, layer['covers']))} | {'merged' if layer['merged'] else 'kept'} |"
@@ -123,50 +110,6 @@ The full plan (sources of every layer, channels kept, scores at every step) is i
 """
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
-@contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False):
-    """Yield a temporary folder beside `out` that becomes `out` only if the block completes."""
-    out = prepare_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _chmod_like_mkdir(tmp)  # mkdtemp makes it private; the result should look like any folder
-        yield tmp
-        trash = None
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if trash is not None:  # put the previous output back
-                os.replace(trash / "old", out)
-                shutil.rmtree(trash, ignore_errors=True)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
     """Tokenizer, plan and model card: everything but the weights and config."""
     if tokenizer is not None:
@@ -175,8 +118,8 @@ def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
     (folder / "README.md").write_text(_model_card(plan))
 
 
-def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False) -> Path:
-    with atomic_folder(out, overwrite) as tmp:
+def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False, sources: list | None = None) -> Path:
+    with atomic_folder(out, overwrite, sources) as tmp:
         model.save_pretrained(tmp)
         write_metadata(tmp, tokenizer, plan)
     return Path(out).expanduser().resolve()

@@ -58,11 +58,15 @@ class Checkpoint:
         self.file_of: dict[str, Path] = {}
         self.info: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, safetensors dtype)
         for file in files:
-            with safe_open(self.folder / file, framework="pt") as f:
-                for name in f.keys():
-                    piece = f.get_slice(name)
-                    self.file_of[name] = self.folder / file
-                    self.info[name] = (tuple(piece.get_shape()), piece.get_dtype())
+            try:
+                with safe_open(self.folder / file, framework="pt") as f:
+                    for name in f.keys():
+                        piece = f.get_slice(name)
+                        self.file_of[name] = self.folder / file
+                        self.info[name] = (tuple(piece.get_shape()), piece.get_dtype())
+            except Exception as exc:  # SafetensorError on damaged headers, OSError on missing shards
+                raise ModelLoadError(f"cannot read the weights in {self.folder / file}: {str(exc).splitlines()[0]}") from None
+
 
     @property
     def names(self) -> list[str]:
@@ -278,6 +282,13 @@ def check_checkpoint(model: nn.Module, adapter: Adapter, checkpoint: Checkpoint)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"layer-wise mode reads tensors by their model names; the checkpoint lacks {shown}")
+    # Layers the config does not know of: the config would silently drop them.
+    prefix, count = adapter.layers_path + ".", len(adapter.layers(model))
+    extra = sorted({n for n in names if n.startswith(prefix) and int(n[len(prefix):].split(".")[0]) >= count})
+    if extra:
+        shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+        raise ModelLoadError(f"the weights do not match config.json (unexpected weights: {shown}); "
+                             "is num_hidden_layers wrong?")
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -383,9 +394,10 @@ def output_tensors(layers: LazyLayers) -> list[tuple]:
 
 
 def save_layerwise(layers: LazyLayers, tokenizer, plan: dict, out: str | Path, overwrite: bool = False,
-                   max_shard_size: str | int = "2GB") -> Path:
+                   max_shard_size: str | int = "2GB", sources: list | None = None) -> Path:
     """Write the compressed model as a standard checkpoint folder (atomically), streaming its tensors."""
-    from .export import atomic_folder, write_metadata
+    from .export import write_metadata
+    from .outputs import atomic_folder
 
     limit = parse_size(max_shard_size)
     shards: list[list[tuple]] = [[]]
@@ -399,7 +411,7 @@ def save_layerwise(layers: LazyLayers, tokenizer, plan: dict, out: str | Path, o
         size += nbytes
         total += nbytes
     model = layers.model
-    with atomic_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite, sources) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,25 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+_CACHE_CHOICE: dict[str, Path] = {}
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("COME_CACHE", Path.home() / ".cache" / "come"))
+    """$COME_CACHE (default ~/.cache/come); if it cannot be written, a per-user temporary cache, with a
+    warning, so that a read-only cache costs conversions again instead of failing the run."""
+    configured = Path(os.environ.get("COME_CACHE") or Path.home() / ".cache" / "come").expanduser()
+    key = str(configured)
+    if key not in _CACHE_CHOICE:
+        from .outputs import OutputNotWritable, check_writable
+
+        try:
+            check_writable(configured, "cache")
+            _CACHE_CHOICE[key] = configured
+        except OutputNotWritable as exc:
+            fallback = Path(tempfile.gettempdir()) / f"come-cache-{os.getuid()}"
+            print(f"come: warning: {exc}; using {fallback} instead (set COME_CACHE to choose another)", file=sys.stderr)
+            _CACHE_CHOICE[key] = fallback
+    return _CACHE_CHOICE[key]
 
 
 @dataclass
@@ -29,6 +48,11 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: dict = field(default_factory=dict)  # provenance written into the plan
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -53,7 +77,10 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     """Load a .gguf and rebuild it as a plain model (GGUF-loaded models refuse save_pretrained)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # the gguf reader raises plain ValueErrors, KeyErrors... on damaged files
+        raise ModelLoadError(f"cannot read {path} as a GGUF model: {_first_line(exc)}") from None
     adapter_for(config)  # fail before the slow dequantisation
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -61,24 +88,69 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = dtype
+    state = gguf_model.state_dict()
+    tie_duplicate_head(config, state, source=path.name)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    loaded = model.load_state_dict(state, strict=False)
+    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    check_loading_report({"missing_keys": set(loaded.missing_keys) - tied_head,
+                          "unexpected_keys": loaded.unexpected_keys}, path.name)
     if getattr(model, "generation_config", None) is not None and gguf_model.generation_config is not None:
         model.generation_config = gguf_model.generation_config
     return model, tokenizer
 
 
-def _cached_default() -> Path:
-    """The embedded default model as a plain HF folder, converted once and cached."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+# A separate output matrix this close to the embeddings is the same matrix quantised differently.
+DUPLICATE_HEAD_TOLERANCE = 0.05
+
+
+def tie_duplicate_head(config, state: dict, source: str = "the model", embed: str = "model.embed_tokens.weight",
+                       head: str = "lm_head.weight") -> bool:
+    """Tie an untied LM head that is a copy of the embeddings (GGUF files often store both, quantised
+    differently), so the model and its parameter count are those of the source checkpoint."""
+    if getattr(config, "tie_word_embeddings", False) or embed not in state or head not in state:
+        return False
+    e, h = state[embed].float(), state[head].float()
+    if e.shape != h.shape:
+        return False
+    relative = float((e - h).norm() / e.norm().clamp_min(1e-12))
+    if relative > DUPLICATE_HEAD_TOLERANCE:
+        return False
+    config.tie_word_embeddings = True
+    del state[head]
+    print(f"come: {source} stores its output matrix as a copy of the embeddings (relative difference "
+          f"{relative:.3g}): tied them, as the original checkpoint does; parameters are counted once", file=sys.stderr)
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    """Where the float conversion of a .gguf is cached: keyed by its resolved path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{path.stem}-{key}"
+
+
+def cached_gguf(path: Path) -> Path:
+    """A .gguf as a plain HF folder (float32), converted once and cached like the default model."""
+    from .outputs import apply_umask, remove_stale, temp_prefix
+
+    target = _gguf_cache_folder(path)
     if (target / "config.json").is_file():
         return target
-    model, tokenizer = _from_gguf(default_gguf_path(), torch.float32)
+    model, tokenizer = _from_gguf(path, torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    remove_stale(target.parent, ".tmp-p*")
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp"), dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process cached it first
@@ -89,41 +161,113 @@ def _cached_default() -> Path:
     return target
 
 
+def _cached_default() -> Path:
+    """The embedded default model as a plain HF folder, converted once and cached."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    converted = cached_gguf(default_gguf_path())
+    try:  # the default keeps its readable name; a concurrent run may have made it already
+        os.replace(converted, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
 def default_model_source() -> tuple[Path, dict]:
     """The embedded default as a cached HF folder, and its provenance for the plan."""
     path = _cached_default()
     return path, {"name": "SmolLM2-135M-Instruct", "kind": "default", "path": str(path), "gguf": str(default_gguf_path())}
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (no offline flag, and a TCP connection within `timeout`)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_source(source: str) -> tuple[Path | str, dict]:
+    """(folder or hub id, provenance) of a model argument that is not the default; fails fast."""
+    path = Path(source).expanduser()
+    if str(source).endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"no such file: {source}")
+        return cached_gguf(path), {"name": source, "kind": "gguf", "path": str(path.resolve())}
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{source} is a file, not a model folder (or a .gguf file)")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source} is not a model folder: it has no config.json")
+        # A resolved path: the plan must name the model wherever `come distill` runs from later.
+        return path, {"name": source, "kind": "local", "path": str(path.resolve())}
+    # Not on disk. A hub id is exactly 'owner/name' (or 'name'); anything else, or an id whose
+    # first part is a local folder, was meant as a local path.
+    parts = source.split("/")
+    looks_local = source.startswith((".", "/", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+    if looks_local:
+        raise ModelLoadError(f"no such model folder: {source}")
+    if not hub_reachable():
+        raise ModelLoadError(
+            f"no such local model folder {source!r}, and the Hugging Face Hub is not reachable to load it as a hub id"
+        )
+    return source, {"name": source, "kind": "hub", "path": source}
+
+
 def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
-    """Load `source` (None = the embedded default) as (model, tokenizer), ready for scoring."""
+    """Load `source` (None = the embedded default) as (model, tokenizer), ready for scoring.
+
+    Every way a checkpoint can be unusable (no config, damaged or truncated weights, weights that
+    do not match the config's layers) is a ModelLoadError naming the problem, never a model with
+    randomly initialised parts.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     if source is None or source == DEFAULT_MODEL:
         path, info = default_model_source()
     else:
-        path = Path(source).expanduser()
-        info = {"name": source, "kind": "local" if path.exists() else "hub", "path": str(path)}
-        if str(source).endswith(".gguf"):
-            if not path.is_file():
-                raise ModelLoadError(f"no such file: {source}")
-            info["kind"] = "gguf"
-            model, tokenizer = _from_gguf(path, torch_dtype)
-            return LoadedModel(_prepare(model, device), tokenizer, info)
-        looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-        if looks_local and not path.is_dir():
-            raise ModelLoadError(f"no such model folder: {source}")
-        if not looks_local:
-            path = source  # a hub id, works only online
+        path, info = _resolve_source(str(source))
     try:
         config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot load a model config from {source!r}: {str(exc).splitlines()[0]}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load a model config from {source!r}: {_first_line(exc)}") from None
     adapter_for(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+    try:
+        model, report = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
+        )
+    except Exception as exc:  # safetensors, torch and transformers raise many kinds on damaged files
+        raise ModelLoadError(f"cannot load the weights of {source or DEFAULT_MODEL!r}: {_first_line(exc)}") from None
+    check_loading_report(report, source or DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(_prepare(model, device), tokenizer, info)
+
+
+def check_loading_report(report: dict, source: str) -> None:
+    """Missing or unexpected weights mean the config does not describe the checkpoint: refuse."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in report.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            problems.append(f"{kind.replace('_keys', '')} weights: {shown}")
+    if report.get("error_msgs"):
+        problems.append(f"errors: {report['error_msgs'][0]}")
+    if problems:
+        raise ModelLoadError(
+            f"the weights of {source!r} do not match its config.json ({'; '.join(problems)}); "
+            "is num_hidden_layers (or another size) wrong?"
+        )
 
 
 def _prepare(model, device: str):

@@ -15,7 +15,9 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import tempfile
+from unittest import mock
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,11 @@ def offline_task_name(task: str) -> str:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("COME_CACHE") or Path.home() / ".cache" / "come").expanduser()
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    from ..models import cache_dir as come_cache  # one definition of $COME_CACHE (and its fallback)
+
+    return come_cache()
 
 
 # --------------------------------------------------------------------------------------
@@ -239,6 +245,28 @@ def _metric(task_results: dict, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None  # stderr may be "N/A"
 
 
+def _quiet_git_hash() -> str | None:
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _simple_evaluate(lm_eval, lm, harness_names: dict, limit, manager, seed: int) -> dict:
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(harness_names.values()),
+        num_fewshot=0,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
 def zero_shot(
     model,
     tokenizer,
@@ -271,18 +299,10 @@ def zero_shot(
         harness_names = {task: task for task in tasks}
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(harness_names.values()),
-        num_fewshot=0,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    # lm-eval records `git describe` of the working folder and lets git print "fatal: not a git
+    # repository" outside one; ask git quietly instead.
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash):
+        output = _simple_evaluate(lm_eval, lm, harness_names, limit, manager, seed)
 
     per_task = {}
     for task, harness_name in harness_names.items():
@@ -296,9 +316,12 @@ def zero_shot(
             "average_metric": AVERAGE_METRIC.get(task, "acc"),
         }
     averaged = [per_task[t][per_task[t]["average_metric"]] for t in tasks]
+    errors = [per_task[t][f"{per_task[t]['average_metric']}_stderr"] for t in tasks]
     return {
         "tasks": per_task,
         "average": math.fsum(averaged) / len(averaged) if None not in averaged else None,
+        # Tasks are independent samples: the mean's standard error is sqrt(sum se^2) / n.
+        "average_stderr": math.sqrt(math.fsum(e * e for e in errors)) / len(errors) if None not in errors else None,
         "average_metric": {t: per_task[t]["average_metric"] for t in tasks},
         "limit": limit,
         "offline": offline,
