@@ -12,6 +12,8 @@ from .errors import ComeError
 from .outputs import check_writable, write_json_atomic
 
 DENSE = "dense"
+DISTILLED = "+distill"
+BENCH_STAMP = "bench_settings.json"  # written into a kept model: the settings it was compressed with
 
 
 def cell_name(method: str, ratio: float) -> str:
@@ -44,10 +46,16 @@ def run_bench(
     keep_models: bool = False,
     compress_options: dict | None = None,
     method_options: dict[str, dict] | None = None,
+    distill_methods: list[str] | None = None,
+    distill_options: dict | None = None,
     progress: bool = True,
     command: str = "",
 ) -> list[dict]:
-    """Run every cell not already finished under `out/cells/`; return all rows."""
+    """Run every cell not already finished under `out/cells/`; return all rows.
+
+    `distill_methods` (labels of `methods`) add a cell LABEL+distill per ratio: the compressed
+    model of LABEL's cell (kept for it), distilled with `distill_options` (the same budget for
+    every method), then evaluated like the others."""
     from .evaluate import evaluate
     from .methods import get_method
     from .pipeline import compress
@@ -64,10 +72,15 @@ def run_bench(
         raise ComeError(f"--set names method(s) not in --methods: {', '.join(stray)}")
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ComeError(f"--ratios must be values in (0, 1), got {ratios}")
+    distill_methods = list(distill_methods or [])
+    unknown = sorted(set(distill_methods) - (set(methods) - {DENSE}))
+    if unknown:
+        raise ComeError(f"--distill names method(s) not in --methods: {', '.join(unknown)}")
     out = Path(out)
     check_writable(out, "bench")  # before hours of work, not after the first cell
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells = [(m, 0.0) for m in methods if m == DENSE] + [(m, r) for r in ratios for m in methods if m != DENSE]
+    cells += [(f"{m}{DISTILLED}", r) for r in ratios for m in distill_methods]
     settings = {
         "model": model,
         "ppl": ppl_sources,
@@ -79,36 +92,56 @@ def run_bench(
         "compress_options": compress_options or {},
         "method_options": method_options or {},
     }
-    for method, ratio in cells:
-        name = cell_name(method, ratio)
+    for label, ratio in cells:
+        name = cell_name(label, ratio)
         cell_file = out / "cells" / f"{name}.json"
+        method = label.removesuffix(DISTILLED)
+        distilled = method != label
         # A cell depends on the shared settings and on its own method's overrides only.
         cell_settings = {**settings, "method_options": (method_options or {}).get(method, {})}
         if base_of[method] != method:
             cell_settings["base_method"] = base_of[method]
+        if distilled:
+            cell_settings["distill"] = distill_options or {}
         if cell_file.is_file():
             previous = json.loads(cell_file.read_text())
             if previous.get("settings") == cell_settings:
                 print(f"[bench] {name}: done already, skipped", flush=True)
                 continue
         print(f"[bench] {name}", flush=True)
-        model_dir, compress_seconds, plan = model, None, None
+        model_dir, compress_seconds, distill_seconds, plan = model, None, None, None
         if method != DENSE:
-            model_dir = out / "models" / name
+            model_dir = out / "models" / cell_name(method, ratio)
+            made_with = {k: v for k, v in cell_settings.items() if k != "distill"}
+            stamp = model_dir / BENCH_STAMP
+            reuse = distilled and stamp.is_file() and json.loads(stamp.read_text()) == made_with
+            if not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
+                start = time.perf_counter()
+                try:
+                    result = compress(
+                        model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True, seed=seed,
+                        progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
+                    )
+                except ComeError as exc:  # e.g. no eligible window: a result too, keep going
+                    print(f"[bench] {name}: failed: {exc}", flush=True)
+                    row = {"method": label, "ratio": ratio, "error": str(exc)}
+                    write_json_atomic(cell_file, {"settings": cell_settings, "row": row})
+                    continue
+                compress_seconds = time.perf_counter() - start
+                del result
+                stamp.write_text(json.dumps(made_with))
+            plan = json.loads((model_dir / "come_plan.json").read_text())
+        if distilled:
+            from .distill import distill
+
             start = time.perf_counter()
-            try:
-                result = compress(
-                    model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True, seed=seed,
-                    progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
-                )
-            except ComeError as exc:  # e.g. no eligible window: a result too, keep going
-                print(f"[bench] {name}: failed: {exc}", flush=True)
-                row = {"method": method, "ratio": ratio, "error": str(exc)}
-                write_json_atomic(cell_file, {"settings": cell_settings, "row": row})
-                continue
-            compress_seconds = time.perf_counter() - start
-            plan = result.plan
-            del result
+            distill(model_dir, out / "models" / name, overwrite=True, seed=seed, progress=progress,
+                    **(distill_options or {}))
+            distill_seconds = time.perf_counter() - start
+            if not keep_models:
+                shutil.rmtree(model_dir, ignore_errors=True)
+            model_dir = out / "models" / name
+        keep = keep_models or (not distilled and label in distill_methods)  # its distilled cell needs it
         try:
             evaluation = evaluate(
                 str(model_dir) if model_dir is not None else None,
@@ -122,10 +155,10 @@ def run_bench(
                 progress=progress,
             )
         finally:
-            if method != DENSE and not keep_models:
+            if method != DENSE and not keep:
                 shutil.rmtree(model_dir, ignore_errors=True)
         row = {
-            "method": method,
+            "method": label,
             "ratio": ratio,
             "layers": evaluation["layers"],
             "parameters": evaluation["parameters"],
@@ -133,6 +166,8 @@ def run_bench(
             "compress_seconds": round(compress_seconds, 1) if compress_seconds is not None else None,
             "layer_passes": plan["execution"].get("layer_passes") if plan else None,
         }
+        if distilled:
+            row["distill_seconds"] = round(distill_seconds, 1)
         for source, r in evaluation["perplexity"].items():
             row[f"ppl_{source}"] = r["ppl"]
         zs = evaluation.get("zero_shot")

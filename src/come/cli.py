@@ -263,6 +263,24 @@ def _method_options(items: list[str]) -> dict[str, dict]:
     return options
 
 
+def _distill_options(items: list[str]) -> dict:
+    import json
+
+    from .distill import DistillOptions
+
+    known = (set(DistillOptions.__dataclass_fields__) | {"tokens"}) - {"seed", "progress", "workers", "save_every"}
+    options = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in known:
+            _fail(f"--distill-set takes OPTION=VALUE with OPTION one of {', '.join(sorted(known))}; got {item!r}")
+        try:
+            options[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[name] = raw
+    return options
+
+
 def _command_line(prefix: str, ctx: typer.Context) -> str:
     """The invocation, rebuilt from the parsed parameters (independent of how it was launched)."""
     import shlex
@@ -305,7 +323,15 @@ def bench(
     seed: int = typer.Option(0),
     keep_models: bool = typer.Option(False, help="Keep compressed checkpoints (default: delete after evaluation)."),
     set_option: list[str] = typer.Option(
-        [], "--set", help="Per-method compress option, METHOD.OPTION=VALUE (e.g. laco.merge_size=4); repeatable."
+        [], "--set", help="Per-method compress option, METHOD.OPTION=VALUE (e.g. laco.merge_size=4); repeatable. "
+        "A method entry LABEL:METHOD in --methods is a variant of METHOD configured by --set LABEL.OPTION=VALUE.",
+    ),
+    distill_methods: str = typer.Option(
+        "", "--distill", help="Comma list of --methods labels to also distil (a LABEL+distill cell per ratio)."
+    ),
+    distill_set: list[str] = typer.Option(
+        [], "--distill-set", help="Distillation option for every --distill cell, OPTION=VALUE (e.g. tokens=131072, "
+        "global_steps=16, batch_size=4); repeatable. See `come distill --help`.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -331,6 +357,8 @@ def bench(
                 "nsamples": nsamples, "seqlen": seqlen, "search_samples": search_samples, "granularity": granularity,
             },
             method_options=_method_options(set_option),
+            distill_methods=[m.strip() for m in distill_methods.split(",") if m.strip()],
+            distill_options=_distill_options(distill_set),
             progress=not quiet,
             command=_command_line("come bench", click_context),
         )
