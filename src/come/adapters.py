@@ -48,6 +48,15 @@ class Adapter:
             "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
         }
     )
+    # RMSNorm gain = norm_offset + weight (Gemma's zero-centred norms: 1 + w).
+    norm_offset: float = 0.0
+    # Norms applied to a sublayer's output before the residual add (Gemma's post-norms), and the
+    # map whose output each one normalises. The merged layer's sum of kept channels is no longer
+    # the sum of normalised outputs; merging.py approximates it (see `merge_layers`).
+    output_norms: dict[str, str] = field(default_factory=dict)
+    # Layer types a merged layer takes in this order of preference (Gemma: a merged layer
+    # attends fully if any source does); otherwise it takes its first source's.
+    layer_type_priority: tuple[str, ...] = ()
     # Config fields: one entry per layer (follow the layer list) and layer
     # counts ("the first N layers are ...") that must be recomputed.
     per_layer_lists: tuple[str, ...] = ("layer_types",)
@@ -73,6 +82,20 @@ class Adapter:
     def down_proj(self, layer: nn.Module) -> nn.Linear:
         return self.mlp_module(layer).get_submodule(self.ffn_cols[0])
 
+    def ffn_output(self, layer: nn.Module) -> nn.Module:
+        """The module whose output the FFN adds to the residual stream."""
+        for norm, source in self.output_norms.items():
+            if source == f"{self.mlp}.{self.ffn_cols[0]}":
+                return layer.get_submodule(norm)
+        return self.down_proj(layer)
+
+    def merged_position(self, layer_types: list) -> int:
+        """Which source of a merged window gives the merged layer its type (attention kind, position kwargs)."""
+        for wanted in self.layer_type_priority:
+            if wanted in layer_types:
+                return layer_types.index(wanted)
+        return 0
+
     # -- shapes -----------------------------------------------------------
     @staticmethod
     def head_dim(config) -> int:
@@ -97,7 +120,20 @@ QWEN3 = Adapter(
     layer_count_fields=("max_window_layers",),
 )
 
-ADAPTERS: tuple[Adapter, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
+GEMMA3 = Adapter(
+    family="gemma3",
+    model_types=("gemma3_text",),
+    head_norms=("q_norm", "k_norm"),
+    norm_feeds={
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "pre_feedforward_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+    norm_offset=1.0,
+    output_norms={"post_attention_layernorm": "self_attn.o_proj", "post_feedforward_layernorm": "mlp.down_proj"},
+    layer_type_priority=("full_attention",),
+)
+
+ADAPTERS: tuple[Adapter, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)
 
 
 def supported_model_types() -> list[str]:

@@ -650,6 +650,8 @@ def _teacher_source(plan: dict, teacher) -> str | None:
     model = plan.get("model") or {}
     if model.get("kind") == "default":
         return None
+    if model.get("kind") == "builtin":
+        return model["builtin"]
     path = model.get("path")
     if path and (Path(path).is_dir() or (model.get("kind") == "gguf" and Path(path).is_file())):
         return path

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .adapters import Adapter, adapter_for
 from .errors import ComeError, ModelLoadError
-from .models import DEFAULT_MODEL, LoadedModel, parse_dtype, resolve_device
+from .models import BUILTINS, DEFAULT_MODEL, LoadedModel, parse_dtype, resolve_device
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -301,10 +301,10 @@ def load_layerwise(source: str | None, dtype: str | torch.dtype = "float32", dev
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if source is None or source == DEFAULT_MODEL:
-        from .models import default_model_source
+    if source is None or source in BUILTINS:
+        from .models import builtin_source
 
-        path, info = default_model_source()
+        path, info = builtin_source(source or DEFAULT_MODEL)
     else:
         path = Path(source).expanduser()
         if not path.is_dir():

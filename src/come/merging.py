@@ -79,6 +79,7 @@ def merge_layers(
     ratios: list[float],
     norm: str = "fold",
     layer_idx: int = 0,
+    output_scales: list[dict[str, float]] | None = None,
 ) -> nn.Module:
     """Build one decoder layer from the kept channels of `layers`, concatenated in order.
 
@@ -101,13 +102,27 @@ def merge_layers(
     merged.to(device=device, dtype=dtype)
 
     sources = [dict(layer.state_dict()) for layer in layers]
+    offset = adapter.norm_offset
     if norm == "fold":
         for sd in sources:
             for norm_name, feeds in adapter.norm_feeds.items():
-                gain = sd[f"{norm_name}.weight"].float()
+                gain = offset + sd[f"{norm_name}.weight"].float()
                 for feed in feeds:
                     w = sd[f"{feed}.weight"]
                     sd[f"{feed}.weight"] = (w.float() * gain[None, :]).to(w.dtype)
+    # Output norms (Gemma): each source's sublayer output was normalised on its own, g_k * a_k / rms(a_k).
+    # With `output_scales` (the "scale" rule), g_k and the source's typical 1 / rms(a_k), measured on
+    # calibration data, are folded into the rows of the map producing a_k, so the kept channels add up
+    # to ~ the sum of normalised outputs; the merged norm starts at gain 1 and `calibrate_output_norms`
+    # sets its scale. Without them (the "mean" rule) the merged norms average the sources'.
+    for i, sd in enumerate(sources):
+        for norm_name, source_map in (adapter.output_norms.items() if output_scales is not None else ()):
+            scale = (offset + sd[f"{norm_name}.weight"].double()) * (output_scales[i][norm_name] if output_scales else 1.0)
+            for suffix in ("weight", "bias"):
+                key = f"{source_map}.{suffix}"
+                if key in sd:
+                    t = sd[key]
+                    sd[key] = (t.double() * (scale[:, None] if t.dim() == 2 else scale)).to(t.dtype)
 
     weights = torch.tensor(ratios, dtype=torch.float64)
     weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(ratios))
@@ -156,12 +171,19 @@ def merge_layers(
     for norm_name in adapter.norm_feeds:
         key = f"{norm_name}.weight"
         if norm == "fold":
-            out[key] = torch.ones_like(ref[key])
+            out[key] = torch.full_like(ref[key], 1.0 - offset)  # gain 1: the sources' gains are folded
             handled.add(key)
         else:  # the paper's plain average
             stacked = torch.stack([sd[key].float() for sd in sources])
             out[key] = stacked.mean(0).to(ref[key].dtype)
             handled.add(key)
+    for norm_name in adapter.output_norms:
+        key = f"{norm_name}.weight"
+        if output_scales is not None:  # gain 1 until calibrated: the sources' gains are in their maps
+            out[key] = torch.full_like(ref[key], 1.0 - offset)
+            handled.add(key)
+        else:  # no scales: the ratio-weighted average of the norms (the naive rule, for comparison)
+            average(key)
 
     unknown = sorted(set(ref) - handled)
     if unknown:
@@ -170,3 +192,31 @@ def merge_layers(
         )
     merged.load_state_dict(out, strict=True)
     return merged
+
+
+@torch.no_grad()
+def calibrate_output_norms(adapter: Adapter, layer: nn.Module, batches) -> dict[str, float]:
+    """Set each output norm of a merged layer to the mean RMS of what it normalises, measured on
+    calibration inputs, so that it hands the residual stream the sum of the sources' normalised outputs
+    at their usual size (instead of rescaling it to RMS 1). `batches()` yields (input, layer kwargs).
+    One pass per output norm, in order, since the FFN's input depends on the calibrated attention."""
+    scales: dict[str, float] = {}
+    for norm_name in adapter.output_norms:
+        module = layer.get_submodule(norm_name)
+        total, count = 0.0, 0
+
+        def hook(mod, args):
+            nonlocal total, count
+            x = args[0].float()
+            total += float(x.pow(2).mean(-1).add(mod.eps).sqrt().sum())
+            count += x[..., 0].numel()
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for x, kwargs in batches():
+                layer(x, **kwargs)
+        finally:
+            handle.remove()
+        scales[norm_name] = total / max(count, 1)
+        module.weight.data.fill_(scales[norm_name] - adapter.norm_offset)
+    return scales

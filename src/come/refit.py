@@ -180,15 +180,16 @@ def parse_damping(value) -> str | float:
 def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int, adapter):
     """(fit, held-out) statistics of `layer` run on boundary h_k, with the teacher's boundary `target_index`.
 
-    Boundary h_k must be current (the caller guarantees layers before k are final).
+    Boundary h_k must be current (the caller guarantees layers before k are final). When the FFN
+    output passes a norm before the residual add (Gemma), out = r + g * m / rms(m) is not linear in W;
+    the statistics then linearise it with each token's rms(m) held at its current value.
     """
     down = adapter.down_proj(layer)
+    added = adapter.ffn_output(layer)  # the module whose output the FFN adds to the residual
+    normed = added is not down
     captured: dict = {}
-
-    def hook(module, args, output):
-        captured["z"], captured["m"] = args[0], output
-
-    handle = down.register_forward_hook(hook)
+    handles = [down.register_forward_hook(lambda mod, args, out: captured.update(z=args[0], m=out)),
+               added.register_forward_hook(lambda mod, args, out: captured.update(added=out))]
     d_in, d_out = down.weight.shape[1], down.weight.shape[0]
     fit = RidgeStats.zeros(d_in, d_out, cache.device)
     held = RidgeStats.zeros(d_in, d_out, cache.device)
@@ -200,9 +201,13 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
             out = out[0] if isinstance(out, tuple) else out
             cache.count_passes(b1 - b0)
             t = teacher[b0:b1].to(cache.device, torch.float32)
-            residual = out.float() - captured["m"].float()  # r: everything but the FFN output
+            residual = out.float() - captured["added"].float()  # r: everything but the FFN's contribution
             y = t - residual
-            if down.bias is not None:
+            if normed:  # g * (z W^T) / rho = y  <=>  z W^T = y * rho / g, rho frozen
+                m = captured["m"].float()
+                rho = m.pow(2).mean(-1, keepdim=True).add(added.eps).sqrt()
+                y = y * rho / (adapter.norm_offset + added.weight.float())
+            elif down.bias is not None:
                 y = y - down.bias.float()
             z = captured["z"]
             held_rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
@@ -211,8 +216,27 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
                 if rows:
                     stats.add(z[rows], y[rows], t[rows])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return fit, held
+
+
+@torch.no_grad()
+def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int) -> float:
+    """Relative error of `layer`'s real output against the teacher on the held-out sequences."""
+    teacher, num, den = cache.teacher[target_index], 0.0, 0.0
+    for b0, b1 in cache._batches():
+        rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        if not rows:
+            continue
+        x = cache.h[k][b0:b1][rows].to(cache.device, cache.compute_dtype)
+        out = layer(x, **kwargs)
+        out = (out[0] if isinstance(out, tuple) else out).double()
+        t = teacher[b0:b1][rows].to(out.device, torch.float64)
+        num += float((out - t).pow(2).sum())
+        den += float(t.pow(2).sum())
+        cache.count_passes(len(rows))
+    return num / max(den, 1e-30)
 
 
 def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int, adapter, damping) -> tuple[nn.Module, dict]:
@@ -226,4 +250,14 @@ def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int
     new_layer = copy.deepcopy(layer)
     new_down = adapter.down_proj(new_layer)
     new_down.weight.data = result.weight.to(down.weight.device, down.weight.dtype)
-    return new_layer, result.record
+    record = result.record
+    if adapter.ffn_output(layer) is not down and record["applied"] and held.rows:
+        # The fit was linearised around the current rms: keep it only if the real output is closer.
+        real = (held_out_span_error(cache, k, layer, kwargs, target_index),
+                held_out_span_error(cache, k, new_layer, kwargs, target_index))
+        record["linearised"] = True
+        record["held_out_real_error"] = list(real)
+        if real[1] >= real[0]:
+            record["applied"] = False
+            return layer, record
+    return new_layer, record

@@ -325,3 +325,24 @@ class BoundaryCache:
         attn_score = o_score.reshape(-1, group_width).mean(1)
         return attn_score, ffn_score.cpu()
 
+
+    @torch.no_grad()
+    def output_norm_scales(self, k: int) -> dict[str, float]:
+        """For each output norm of layer k (Gemma's post-norms): the mean over calibration tokens of
+        1 / rms of what it normalises, i.e. the factor it typically applies before its gain."""
+        layer = self.layers[k]
+        sums: dict[str, float] = {}
+        handles = []
+        for norm_name in self.adapter.output_norms:
+            def hook(mod, args, name=norm_name):
+                x = args[0].float()
+                sums[name] = sums.get(name, 0.0) + float(x.pow(2).mean(-1).add(mod.eps).rsqrt().sum())
+            handles.append(layer.get_submodule(norm_name).register_forward_pre_hook(hook))
+        try:
+            for b0, b1 in self._batches():
+                self.run_layer(k, self.boundary(k)[b0:b1])
+                self.count_passes(b1 - b0)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: total / self.tokens.numel() for name, total in sums.items()}

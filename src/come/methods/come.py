@@ -5,7 +5,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..errors import MergeError
-from ..merging import Selection, largest_remainder, merge_layers, top_channels
+from ..merging import Selection, calibrate_output_norms, largest_remainder, merge_layers, top_channels
 from . import register
 
 
@@ -64,6 +64,14 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
                 "neurons": sel.neurons.tolist(),
             }
         )
+    # The merged layer takes the type (e.g. full or sliding attention) of one source, by the adapter's rule.
+    types = getattr(cfg, "layer_types", None)
+    position = adapter.merged_position([types[ctx.records[k]["position_of"]] for k in window] if types else [])
+    output_scales = None
+    if ctx.options.output_norm not in ("scale", "mean"):
+        raise MergeError(f"output_norm must be scale or mean, got {ctx.options.output_norm!r}")
+    if adapter.output_norms and ctx.options.output_norm == "scale":
+        output_scales = [ctx.cache.output_norm_scales(k) for k in window]
     merged = merge_layers(
         adapter,
         cfg,
@@ -71,9 +79,17 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
         selections,
         ratios,
         norm=ctx.options.norm,
-        layer_idx=ctx.records[start]["covers"][0],
+        layer_idx=ctx.records[start + position]["position_of"],
+        output_scales=output_scales,
     )
-    return merged, {"norm": ctx.options.norm, "sources": kept}
+    record = {"norm": ctx.options.norm, "sources": kept, "position": position}
+    if output_scales is not None:
+        cache, kwargs = ctx.cache, ctx.cache.layer_kwargs[start + position]
+        batches = lambda: ((cache.boundary(start)[b0:b1].to(cache.device, cache.compute_dtype), kwargs)  # noqa: E731
+                           for b0, b1 in cache._batches())
+        record["output_norms"] = {"source_scales": output_scales,
+                                  "merged_scale": calibrate_output_norms(adapter, merged, batches)}
+    return merged, record
 
 
 def progressive_merge(ctx, target_layers: int, step) -> None:

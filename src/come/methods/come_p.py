@@ -33,12 +33,12 @@ def search_step(ctx, start: int, size: int, bi):
     cache = ctx.cache
     prior = bi_ratios(bi, start, size)[0]
     sensitivities = {k: cache.channel_sensitivity(k) for k in range(start, start + size)}
-    head_kwargs = cache.layer_kwargs[start]
     tail = cache.current_stack(start + size)
     candidates, best = [], None
     for i in range(granularity + 1):
         r = i / granularity
         merged, record = merge_with_ratios(ctx, start, size, candidate_ratios(bi, start, size, r), sensitivities)
+        head_kwargs = cache.layer_kwargs[start + record["position"]]
         loss = cache.loss_through(start, [(merged, head_kwargs)] + tail, samples=ctx.options.search_samples)
         candidates.append({"r": r, "loss": loss})
         key = (loss, abs(r - prior), r)

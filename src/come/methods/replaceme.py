@@ -116,6 +116,9 @@ def fold(adapter, layer, transform: torch.Tensor):
     layerwise=True,
 )
 def run(ctx, target_layers: int) -> None:
+    if ctx.adapter.output_norms:
+        raise ComeError(f"replaceme folds its map into down_proj, but {ctx.adapter.family} normalises the FFN "
+                        "output after it, so the map cannot be folded; use shortgpt --refit or come-search")
     cache = ctx.cache
     for n in block_sizes(ctx.num_layers - target_layers, ctx.options.replaceme_blocks):
         if ctx.num_layers - n < 1:

@@ -104,12 +104,13 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
                 merged, record = merge_with_ratios(ctx, start, size, ratios, sensitivities)
                 refit = None
                 if opts.refit:
-                    merged, refit = ctx.refit_candidate(start, merged, covers=covers)
+                    kwargs = cache.layer_kwargs[start + record["position"]]
+                    merged, refit = ctx.refit_candidate(start, merged, covers=covers, kwargs=kwargs)
                 return merged, record, refit
 
             key = _window_key(ctx, "merge", window, (name, tuple(round(r, 9) for r in ratios), opts.refit))
             merged, record, refit = memo.get(key, build)
-            stack = [(merged, cache.layer_kwargs[start])] + cache.current_stack(start + size)
+            stack = [(merged, cache.layer_kwargs[start + record["position"]])] + cache.current_stack(start + size)
             loss = cache.loss_through(start, stack, samples=samples)
             entry = {"op": "merge", "window": [start, start + size - 1], "covers": covers, "ratios": name,
                      "ratio_values": [round(r, 6) for r in ratios], "loss": loss}
