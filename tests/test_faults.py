@@ -270,3 +270,49 @@ def test_layerwise_refuses_damaged_or_mismatched_checkpoints(model_dir, tmp_path
     _assert_error(result, {"truncated": "cannot read the weights", "garbage": "cannot read the weights",
                            "more layers": "lacks model.layers.6", "fewer layers": "unexpected weights"}[damage])
     assert not out.exists()
+
+
+# -- saved dtype -------------------------------------------------------------------------
+@pytest.mark.parametrize("source_dtype,request_dtype,expected", [
+    ("bfloat16", None, torch.bfloat16),   # bf16 stays bf16 though computed in float32
+    ("float32", None, torch.float32),
+    ("bfloat16", "float16", torch.float16),  # --save-dtype overrides
+])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_weights_are_saved_in_the_source_dtype(tmp_path, source_dtype, request_dtype, expected, layerwise):
+    from come.pipeline import compress
+    from come.testing import tiny_tokens
+
+    src = tmp_path / "src"
+    tiny_model("llama").to(getattr(torch, source_dtype)).save_pretrained(src)
+    result = compress(str(src), target_layers=4, method="shortgpt", tokens=tiny_tokens(), progress=False,
+                      out=tmp_path / "out", save_dtype=request_dtype, layerwise=layerwise, dtype="float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {expected}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == str(expected).removeprefix("torch.")
+    assert result.plan["save_dtype"]["dtype"] == str(expected).removeprefix("torch.")
+    if not layerwise:  # the saved weights are the computed ones, rounded
+        for k, v in reloaded.state_dict().items():
+            torch.testing.assert_close(v, result.model.state_dict()[k].to(expected))
+
+
+def test_a_gguf_source_is_saved_as_bfloat16(tmp_path, monkeypatch):
+    import come.models
+    from come.pipeline import compress
+    from come.testing import tiny_tokens
+
+    monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(come.models, "_CACHE_CHOICE", {})
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"stand-in")
+
+    def fake_from_gguf(path, dtype):
+        from tests.test_distill import char_tokenizer
+
+        return tiny_model("llama"), char_tokenizer()
+
+    monkeypatch.setattr(come.models, "_from_gguf", fake_from_gguf)
+    result = compress(str(gguf), target_layers=4, method="shortgpt", tokens=tiny_tokens(), progress=False,
+                      out=tmp_path / "out")
+    assert result.plan["save_dtype"] == {"dtype": "bfloat16", "why": "the source is a quantised GGUF"}
+    assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").parameters()} == {torch.bfloat16}

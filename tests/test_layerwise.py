@@ -69,10 +69,14 @@ def test_bfloat16_weights_cast_on_load(tmp_path):
     src = _folder(tmp_path, "qwen3")  # stored in float32
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     reference = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4)
-    result = _layerwise(src, target_layers=4, dtype="bfloat16", out=tmp_path / "out")
+    result = _layerwise(src, target_layers=4, dtype="bfloat16", out=tmp_path / "out", save_dtype="bfloat16")
     assert result.plan["steps"] == reference.plan["steps"] and result.plan["execution"]["dtype"] == "bfloat16"
     a, b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), reference.model.state_dict()
     assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in b)
+    # By default the weights are saved in the source's dtype (float32 here): the same values, upcast.
+    _layerwise(src, target_layers=4, dtype="bfloat16", out=tmp_path / "default")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "default").state_dict()
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k].float()) for k in b)
 
 
 def test_shortgpt_layerwise_single_file_output(tmp_path):

@@ -48,6 +48,7 @@ def run_bench(
     method_options: dict[str, dict] | None = None,
     distill_methods: list[str] | None = None,
     distill_options: dict | None = None,
+    save_dtype: str = "float32",
     progress: bool = True,
     command: str = "",
 ) -> list[dict]:
@@ -92,6 +93,10 @@ def run_bench(
         "compress_options": compress_options or {},
         "method_options": method_options or {},
     }
+    # Every cell's model is written (and evaluated) in one dtype, so methods compare on equal terms;
+    # recorded only when not float32, so cells finished before this knob existed stay valid.
+    if save_dtype != "float32":
+        settings["save_dtype"] = save_dtype
     for label, ratio in cells:
         name = cell_name(label, ratio)
         cell_file = out / "cells" / f"{name}.json"
@@ -120,6 +125,7 @@ def run_bench(
                 try:
                     result = compress(
                         model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True, seed=seed,
+                        save_dtype=save_dtype,
                         progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
                     )
                 except ComeError as exc:  # e.g. no eligible window: a result too, keep going

@@ -140,6 +140,10 @@ def compress(
     ),
     cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: $COME_CACHE/work, i.e. ~/.cache/come/work)."),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
+    save_dtype: Optional[str] = typer.Option(
+        None, help="Dtype of the saved weights: float32 | bfloat16 | float16. Default: the source checkpoint's "
+        "(a GGUF source: bfloat16), whatever --dtype computed in.",
+    ),
     incremental: bool = typer.Option(True, hidden=True, help="Recompute only the layers after a merge (benchmarks)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
@@ -159,6 +163,7 @@ def compress(
             device=device,
             layerwise=layerwise,
             max_shard_size=max_shard_size,
+            save_dtype=save_dtype,
             activation_dtype=activation_dtype,
             activation_storage=activation_storage.value,
             cache_dir=str(cache_dir) if cache_dir else None,

@@ -726,7 +726,11 @@ def _write_metrics(work: Path, dest: Path) -> None:
 
 def _publish(student, tokenizer, plan: dict, work: Path, out: Path) -> Path:
     """Write the result in the work folder, then swap it into `out` with renames."""
-    staged = save_compressed(student, tokenizer, plan, work / "final", overwrite=True)
+    from .models import parse_dtype
+
+    saved_as = (plan.get("save_dtype") or {}).get("dtype")  # the compressed model's dtype, kept
+    staged = save_compressed(student, tokenizer, plan, work / "final", overwrite=True,
+                             save_dtype=parse_dtype(saved_as) if saved_as else None)
     _write_metrics(work, staged / METRICS_FILE)
     trash = None
     if out.exists():

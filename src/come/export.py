@@ -118,8 +118,31 @@ def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
     (folder / "README.md").write_text(_model_card(plan))
 
 
-def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False, sources: list | None = None) -> Path:
+def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False, sources: list | None = None,
+                    save_dtype=None) -> Path:
+    """Write `model` as a checkpoint folder, atomically; floating weights in `save_dtype` (default: as held)."""
+    import torch
+
     with atomic_folder(out, overwrite, sources) as tmp:
-        model.save_pretrained(tmp)
+        if save_dtype is None:
+            model.save_pretrained(tmp)
+        else:  # cast copies of the tensors; the model in memory keeps its compute dtype
+            state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state)
+            # save_pretrained writes the dtype of the parameters in memory; the files hold save_dtype.
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = str(save_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_metadata(tmp, tokenizer, plan)
     return Path(out).expanduser().resolve()
+
+
+def resolve_save_dtype(requested: str | None, source: dict, compute: str) -> tuple[str, str]:
+    """(dtype to save in, why): the request, else the source checkpoint's dtype, else the compute dtype."""
+    if requested is not None:
+        return requested, "--save-dtype"
+    if source.get("dtype"):
+        kind = source.get("kind")
+        return source["dtype"], ("the source is a quantised GGUF" if kind in ("gguf", "default", "builtin")
+                                 else "the source checkpoint's dtype")
+    return compute, "the compute dtype (the source's is unknown)"

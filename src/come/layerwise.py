@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .adapters import Adapter, adapter_for
 from .errors import ComeError, ModelLoadError
-from .models import BUILTINS, DEFAULT_MODEL, LoadedModel, parse_dtype, resolve_device
+from .models import BUILTINS, DEFAULT_MODEL, LoadedModel, checkpoint_dtype, parse_dtype, resolve_device
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -309,7 +309,7 @@ def load_layerwise(source: str | None, dtype: str | torch.dtype = "float32", dev
         path = Path(source).expanduser()
         if not path.is_dir():
             raise ModelLoadError(f"--layerwise needs a local model folder of safetensors files; {source!r} is not one")
-        info = {"name": source, "kind": "local", "path": str(path)}
+        info = {"name": source, "kind": "local", "path": str(path.resolve()), "dtype": checkpoint_dtype(path)}
     config = AutoConfig.from_pretrained(path)
     adapter_for(config)
     checkpoint = Checkpoint(path)
@@ -394,15 +394,22 @@ def output_tensors(layers: LazyLayers) -> list[tuple]:
 
 
 def save_layerwise(layers: LazyLayers, tokenizer, plan: dict, out: str | Path, overwrite: bool = False,
-                   max_shard_size: str | int = "2GB", sources: list | None = None) -> Path:
-    """Write the compressed model as a standard checkpoint folder (atomically), streaming its tensors."""
+                   max_shard_size: str | int = "2GB", sources: list | None = None,
+                   save_dtype: torch.dtype | None = None) -> Path:
+    """Write the compressed model as a standard checkpoint folder (atomically), streaming its tensors;
+    floating tensors are written in `save_dtype` (default: as computed)."""
     from .export import write_metadata
     from .outputs import atomic_folder
 
     limit = parse_size(max_shard_size)
     shards: list[list[tuple]] = [[]]
     size = total = 0
-    for item in output_tensors(layers):
+    items = output_tensors(layers)
+    if save_dtype is not None:
+        items = [(n, save_dtype if d.is_floating_point else d, shape,
+                  (lambda read=read, d=d: read().to(save_dtype) if d.is_floating_point else read()))
+                 for n, d, shape, read in items]
+    for item in items:
         nbytes = _numel(item[2]) * torch.empty((), dtype=item[1]).element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -421,6 +428,8 @@ def save_layerwise(layers: LazyLayers, tokenizer, plan: dict, out: str | Path, o
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         model.config.architectures = [type(model).__name__]
+        if save_dtype is not None:
+            model.config.dtype = save_dtype
         model.config.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)

@@ -219,12 +219,44 @@ def builtin_source(name: str) -> tuple[Path, dict]:
             if not (target / "config.json").is_file():
                 raise
     return target, {"name": folder_name, "kind": "default" if name == DEFAULT_MODEL else "builtin",
-                    "builtin": name, "path": str(target), "gguf": str(gguf)}
+                    "builtin": name, "path": str(target), "gguf": str(gguf), "dtype": GGUF_SAVE_DTYPE}
 
 
 def default_model_source() -> tuple[Path, dict]:
     """The embedded default as a cached HF folder, and its provenance for the plan."""
     return builtin_source(DEFAULT_MODEL)
+
+
+# A GGUF holds quantised blocks, not a float dtype: its conversion is saved as bfloat16, which keeps
+# float32's range (Gemma's activations overflow float16) at half the size.
+GGUF_SAVE_DTYPE = "bfloat16"
+
+
+def checkpoint_dtype(folder: str | Path) -> str | None:
+    """The float dtype a local checkpoint stores its weights in (from its safetensors header, else its config)."""
+    import json
+    import struct
+
+    folder = Path(folder)
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > file.stat().st_size:  # a damaged file: loading it reports the problem
+                    break
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, struct.error):
+            break
+        for key, value in header.items():
+            if key != "__metadata__" and value.get("dtype") in names:
+                return names[value["dtype"]]
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if value in DTYPES else None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -248,14 +280,14 @@ def _resolve_source(source: str) -> tuple[Path | str, dict]:
     if str(source).endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"no such file: {source}")
-        return cached_gguf(path), {"name": source, "kind": "gguf", "path": str(path.resolve())}
+        return cached_gguf(path), {"name": source, "kind": "gguf", "path": str(path.resolve()), "dtype": GGUF_SAVE_DTYPE}
     if path.exists():
         if not path.is_dir():
             raise ModelLoadError(f"{source} is a file, not a model folder (or a .gguf file)")
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{source} is not a model folder: it has no config.json")
         # A resolved path: the plan must name the model wherever `come distill` runs from later.
-        return path, {"name": source, "kind": "local", "path": str(path.resolve())}
+        return path, {"name": source, "kind": "local", "path": str(path.resolve()), "dtype": checkpoint_dtype(path)}
     # Not on disk. A hub id is exactly 'owner/name' (or 'name'); anything else, or an id whose
     # first part is a local folder, was meant as a local path.
     parts = source.split("/")
@@ -295,7 +327,9 @@ def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", 
     except Exception as exc:  # safetensors, torch and transformers raise many kinds on damaged files
         raise ModelLoadError(f"cannot load the weights of {source or DEFAULT_MODEL!r}: {_first_line(exc)}") from None
     check_loading_report(report, source or DEFAULT_MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = isinstance(path, Path)
+    has_tokenizer = not local or any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None  # compress then needs tokens=
     return LoadedModel(_prepare(model, device), tokenizer, info)
 
 

@@ -267,6 +267,7 @@ def compress(
     tokens: torch.Tensor | None = None,
     layerwise: bool = False,
     max_shard_size: str | int = "2GB",
+    save_dtype: str | None = None,
     **options,
 ) -> CompressionResult:
     """Compress a causal LM to fewer decoder layers; optionally write it to `out`.
@@ -275,12 +276,15 @@ def compress(
     or None for the embedded default. `tokens` ([n, seqlen] ids) replaces the
     calibration source. `options` are `CompressionOptions` fields.
 
+    Weights are saved in `save_dtype`, by default the source checkpoint's (a GGUF: bfloat16),
+    whatever `dtype` they were computed in.
+
     `layerwise=True` (a local safetensors folder, or the default model) never
     holds the model: layers are read from the checkpoint one at a time and the
     output is streamed into shards of at most `max_shard_size`; the result's
     `model` is then a meta-device skeleton (structure and config, no weights).
     """
-    from .export import build_plan, finalize_model, save_compressed
+    from .export import build_plan, finalize_model, resolve_save_dtype, save_compressed
     from .methods import check_layerwise, get_method, method_defaults
     from .outputs import prepare_output, work_folder
 
@@ -296,6 +300,8 @@ def compress(
         from .layerwise import parse_size
 
         parse_size(max_shard_size)  # a typo here should not cost a whole run
+    if save_dtype is not None:
+        parse_dtype(save_dtype)
     started = time.perf_counter()
     checkpoint = None
     if layerwise:
@@ -362,13 +368,17 @@ def compress(
         }
         if ctx.layers.device.type == "cuda":
             plan["execution"]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(ctx.layers.device) / 2**30, 3)
+        saved_as, why = resolve_save_dtype(save_dtype, loaded.source, dtype)
+        plan["save_dtype"] = {"dtype": saved_as, "why": why}
         ctx._cache = None  # release the calibration activations before writing
         ctx.layers.release()
         result = CompressionResult(ctx.model, loaded.tokenizer, plan)
         if out_dir is not None and layerwise:
-            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size, sources)
+            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size, sources,
+                                            save_dtype=parse_dtype(saved_as))
         elif out_dir is not None:
-            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite, sources=sources)
+            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite,
+                                             sources=sources, save_dtype=parse_dtype(saved_as))
     return result
 
 
