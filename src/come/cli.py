@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
+from .options import default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -22,6 +23,11 @@ app = typer.Typer(
 
 class NormMode(str, Enum):
     fold = "fold"
+    mean = "mean"
+
+
+class OutputNorm(str, Enum):
+    scale = "scale"
     mean = "mean"
 
 
@@ -93,58 +99,43 @@ def compress(
     ),
     target_layers: Optional[int] = typer.Option(None, help="Number of decoder layers to keep (instead of --ratio)."),
     method: str = typer.Option(DEFAULT_METHOD, help="Compression method; `come methods` lists them."),
-    calib: str = typer.Option(
-        "wikipedia", help="Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online)."
-    ),
-    nsamples: int = typer.Option(32, min=1, help="Calibration sequences."),
-    seqlen: int = typer.Option(512, min=2, help="Tokens per calibration sequence."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
-    batch_size: int = typer.Option(8, min=1, help="Sequences per forward pass during calibration."),
-    merge_size: int = typer.Option(2, min=2, help="Adjacent layers merged per step."),
-    allow_remerge: Optional[bool] = typer.Option(
-        None, help="Allow windows that contain an already merged layer. Default: the method's (come: yes; see README)."
-    ),
-    norm: NormMode = typer.Option(NormMode.fold, help="RMSNorm gains: fold into the maps they feed (exact) or mean."),
-    sbi_tokens: SbiTokens = typer.Option(SbiTokens.last, help="Tokens used for window distance: last or all."),
-    granularity: int = typer.Option(20, min=1, help="come-p: channel-ratio grid steps (G+1 candidates per merge)."),
-    search_samples: Optional[int] = typer.Option(
-        None, min=1,
-        help="Calibration sequences used by loss/similarity searches (come-search: 8; come-p, sleb, laco: all).",
-    ),
-    refit: Optional[bool] = typer.Option(
-        None,
-        help="After every merge or removal, refit the new layer's down_proj (ridge least squares) to reproduce the "
-        "original model over the span it replaces. Default: the method's (on for come-search, off otherwise).",
-    ),
-    refit_damping: str = typer.Option(
-        "auto", help="Refit damping relative to the mean diagonal of Z^T Z, or auto (chosen on held-out sequences)."
-    ),
-    search_windows: int = typer.Option(3, min=0, help="come-search: merge candidates (most redundant windows) per step."),
-    search_deletions: int = typer.Option(3, min=0, help="come-search: deletion candidates (lowest-BI layers) per step."),
+    calib: str = typer.Option(default("calib"), help=help_text("calib")),
+    nsamples: int = typer.Option(default("nsamples"), min=1, help=help_text("nsamples")),
+    seqlen: int = typer.Option(default("seqlen"), min=2, help=help_text("seqlen")),
+    seed: int = typer.Option(default("seed"), help=help_text("seed")),
+    batch_size: int = typer.Option(default("batch_size"), min=1, help=help_text("batch_size")),
+    merge_size: int = typer.Option(default("merge_size"), min=2, help=help_text("merge_size")),
+    # None: the method's default (methods.register(defaults=...)), else options.py's.
+    allow_remerge: Optional[bool] = typer.Option(None, help=help_text("allow_remerge")),
+    protect_first: Optional[int] = typer.Option(None, min=0, help=help_text("protect_first")),
+    norm: NormMode = typer.Option(default("norm"), help=help_text("norm")),
+    output_norm: OutputNorm = typer.Option(default("output_norm"), help=help_text("output_norm")),
+    sbi_tokens: SbiTokens = typer.Option(default("sbi_tokens"), help=help_text("sbi_tokens")),
+    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
+    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
+    refit: Optional[bool] = typer.Option(None, help=help_text("refit")),
+    refit_damping: str = typer.Option(default("refit_damping"), help=help_text("refit_damping")),
+    search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
+    search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
     search_ratios: str = typer.Option(
-        "0.5", help="come-search: first-layer channel shares tried besides the BI ratio (comma list in [0, 1])."
+        ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1]."
     ),
-    replaceme_objective: str = typer.Option("lstsq", help="replaceme: lstsq (closed form) or cosine (Adam)."),
-    replaceme_blocks: int = typer.Option(1, min=1, help="replaceme: remove the layers as this many blocks."),
+    replaceme_objective: str = typer.Option(default("replaceme_objective"), help=help_text("replaceme_objective")),
+    replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     layerwise: bool = typer.Option(
         False, "--layerwise", help="Never hold the model: read one decoder layer at a time from MODEL's safetensors."
     ),
-    activation_dtype: str = typer.Option(
-        "float32", help="Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."
-    ),
-    activation_storage: Storage = typer.Option(
-        Storage.auto,
-        help="Activations: ram, disk, or auto (disk if > half of free memory). Layer-wise, merged layers go to disk unless ram.",
-    ),
-    cache_dir: Optional[Path] = typer.Option(None, help="Folder for the disk cache (default: $COME_CACHE/work, i.e. ~/.cache/come/work)."),
+    activation_dtype: str = typer.Option(default("activation_dtype"), help=help_text("activation_dtype")),
+    activation_storage: Storage = typer.Option(default("activation_storage"), help=help_text("activation_storage")),
+    cache_dir: Optional[Path] = typer.Option(None, help=help_text("cache_dir")),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
     save_dtype: Optional[str] = typer.Option(
         None, help="Dtype of the saved weights: float32 | bfloat16 | float16. Default: the source checkpoint's "
         "(a GGUF source: bfloat16), whatever --dtype computed in.",
     ),
-    incremental: bool = typer.Option(True, hidden=True, help="Recompute only the layers after a merge (benchmarks)."),
+    incremental: bool = typer.Option(default("incremental"), hidden=True, help=help_text("incremental")),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
@@ -175,7 +166,9 @@ def compress(
             batch_size=batch_size,
             merge_size=merge_size,
             allow_remerge=allow_remerge,
+            protect_first=protect_first,
             norm=norm.value,
+            output_norm=output_norm.value,
             sbi_tokens=sbi_tokens.value,
             granularity=granularity,
             search_samples=search_samples,
@@ -248,7 +241,7 @@ def _floats(value: str, option: str) -> list[float]:
 def _method_options(items: list[str]) -> dict[str, dict]:
     import json
 
-    from .pipeline import CompressionOptions
+    from .options import CompressionOptions
 
     # seed and progress are shared by the whole grid (--seed, --quiet).
     known = set(CompressionOptions.__dataclass_fields__) - {"seed", "progress"}
@@ -319,11 +312,9 @@ def bench(
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
     ppl_max_tokens: Optional[int] = typer.Option(None, help="Perplexity tokens per source (default: all)."),
     seqlen: int = typer.Option(512, min=2, help="Perplexity window and calibration sequence length."),
-    nsamples: int = typer.Option(32, min=1, help="Calibration sequences for every method."),
-    search_samples: Optional[int] = typer.Option(
-        None, min=1, help="Calibration sequences for loss-based searches (come-p, sleb, laco)."
-    ),
-    granularity: int = typer.Option(20, min=1, help="come-p ratio grid size."),
+    nsamples: int = typer.Option(default("nsamples"), min=1, help=help_text("nsamples") + " Same for every method."),
+    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
+    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     keep_models: bool = typer.Option(False, help="Keep compressed checkpoints (default: delete after evaluation)."),

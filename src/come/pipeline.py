@@ -16,6 +16,7 @@ from .activations import BoundaryStore, choose_storage
 from .adapters import Adapter, adapter_for
 from .errors import InvalidTarget, ModelLoadError
 from .models import LoadedModel, count_parameters, load_model, parse_dtype, resolve_device
+from .options import CompressionOptions, resolve_options
 from .methods import DEFAULT_METHOD
 from .scoring import BoundaryCache, ModelLayers
 
@@ -55,55 +56,7 @@ def resolve_target(model: nn.Module, adapter: Adapter, ratio: float | None, targ
     return target_layers
 
 
-# -- context shared by all methods --------------------------------------------
-@dataclass
-class CompressionOptions:
-    calib: str = "wikipedia"
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    merge_size: int = 2
-    allow_remerge: bool = False
-    # The first N original layers are never merged or deleted (come, come-p, come-search).
-    protect_first: int = 0
-    norm: str = "fold"
-    # Families with output norms (Gemma's post-norms): "scale" folds each source's gain and typical
-    # 1/rms into its output map and calibrates the merged norm; "mean" averages the norms' gains.
-    output_norm: str = "scale"
-    sbi_tokens: str = "last"  # or "all"
-    incremental: bool = True  # False reruns every layer after each merge (reference mode)
-    # Calibration activations: their dtype (scores are accumulated in float32 regardless),
-    # where they live (auto: disk when they would fill over half of free memory) and the disk folder.
-    activation_dtype: str = "float32"
-    activation_storage: str = "auto"
-    cache_dir: str | None = None
-    progress: bool = True
-    # come-p: the first layer's channel share is searched over {0, 1/G, ..., 1}.
-    granularity: int = 20
-    # Calibration sequences used by the what-if searches (come-p, sleb, laco); None = all.
-    search_samples: int | None = None
-    # laco: similarity thresholds tried from high to low until one reaches the target,
-    # the step down after an accepted merge, and the lowest layer a merge may start at.
-    laco_thresholds: tuple = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-    laco_interval: int = 2
-    laco_min_layer: int = 1
-    # Output refit (refit.py): after every merge or removal, the layer standing for the changed span
-    # gets a ridge least-squares down_proj that reproduces the original model's output of the span.
-    refit: bool = False
-    refit_damping: str | float = "auto"  # relative to mean diag(Z^T Z); auto: chosen on held-out sequences
-    # come-search: candidates per step (merges of the most redundant windows, each with the BI
-    # channel ratio and these first-layer shares; deletions of the lowest-BI layers).
-    search_windows: int = 3
-    search_deletions: int = 3
-    search_ratios: tuple = (0.5,)
-    # replaceme: objective of the linear map, the number of blocks the removed layers are split into,
-    # and the cosine objective's optimisation budget.
-    replaceme_objective: str = "lstsq"
-    replaceme_blocks: int = 1
-    replaceme_epochs: int = 10
-
-
+# -- context shared by all methods (options: options.py) ----------------------
 @dataclass
 class CompressionContext:
     model: nn.Module
@@ -380,16 +333,6 @@ def compress(
             result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite,
                                              sources=sources, save_dtype=parse_dtype(saved_as))
     return result
-
-
-def resolve_options(method_defaults: dict, options: dict) -> CompressionOptions:
-    """Options given (None means "not given") over the method's defaults over the global ones."""
-    known = set(CompressionOptions.__dataclass_fields__)
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise InvalidTarget(f"unknown compression option(s): {', '.join(unknown)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    return CompressionOptions(**{**method_defaults, **given})
 
 
 def activation_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions) -> int:
