@@ -104,3 +104,28 @@ def test_eval_and_bench_input_errors(tiny_dir, tmp_path):
     assert result.exit_code == 2 and "not in --methods" in result.output
     result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(tmp_path / "b"), "--methods", "come", "--set", "come.seed=3"])
     assert result.exit_code == 2 and "unknown option" in result.output
+
+
+def test_model_card_carries_the_plan_picture_and_results(tiny_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "out"
+    assert _compress(tiny_dir, "--target-layers", "4", "--out", out).exit_code == 0
+    assert (out / "come_plan.png").stat().st_size > 0
+    assert "Not evaluated yet" in (out / "README.md").read_text()
+    args = ["eval", str(out), "--ppl", "wikipedia", "--max-tokens", "200", "--seqlen", "50", "--tasks", "none", "-q"]
+    result = runner.invoke(app, [*args, "--update-card"])
+    assert result.exit_code == 0, result.output
+    text = (out / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| wikipedia perplexity |"))
+    dense, compressed = (float(cell.split()[0]) for cell in row.split("|")[2:4])
+    numbers = json.loads((out / "come_eval.json").read_text())
+    assert compressed == pytest.approx(numbers["compressed"]["perplexity"]["wikipedia"]["ppl"], abs=0.01)
+    assert dense == pytest.approx(numbers["dense"]["perplexity"]["wikipedia"]["ppl"], abs=0.01)
+    assert numbers["dense"]["layers"] == 6 and numbers["compressed"]["layers"] == 4
+    card = ModelCard.load(out / "README.md")
+    (evaluation,) = card.data.eval_results
+    assert evaluation.metric_type == "perplexity" and evaluation.metric_value == pytest.approx(compressed, abs=0.01)
+    # Not a come folder: refused before any work.
+    bad = runner.invoke(app, ["eval", str(tiny_dir), "--update-card", "--tasks", "none"])
+    assert bad.exit_code == 2 and "come_plan.json" in bad.output

@@ -200,11 +200,17 @@ def eval_command(
     speed: bool = typer.Option(False, help="Also measure prefill and decode tokens/s."),
     online: bool = typer.Option(False, help="Use lm-eval's standard hub tasks instead of the offline copies."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number, versions, seed and limit here."),
+    update_card: bool = typer.Option(
+        False, help="MODEL is a `come compress` folder: write the results, next to the dense model's under the same "
+        "settings (cached), into its README.md (table + model-index metadata) and redraw come_plan.png.",
+    ),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Evaluate a model: perplexity, zero-shot accuracy (lm-evaluation-harness) and speed."""
+    if update_card and (model is None or not (Path(model) / "come_plan.json").is_file()):
+        _fail(f"--update-card needs a folder written by come compress; {model!r} has no come_plan.json")
     try:
         from .evaluate import evaluate, parse_list, print_report
         from .outputs import write_json_atomic
@@ -226,6 +232,14 @@ def eval_command(
         )
         if json_path is not None:
             write_json_atomic(json_path, result)
+        if update_card:
+            from .evaluate import update_card as write_results
+
+            settings = dict(ppl_sources=parse_list(ppl, ("wikipedia", "lambada")), tasks=parse_list(tasks, PAPER_TASKS),
+                            limit=limit, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
+                            offline=not online, dtype=dtype, device=device)
+            card = write_results(model, result, settings, progress=not quiet)
+            typer.echo(f"model card updated: {card}", err=True)
     except _user_errors() as exc:
         _fail(str(exc))
     print_report(result)

@@ -142,3 +142,38 @@ def print_report(result: dict) -> None:
         table.add_row("prefill tok/s", f"{s['prefill_tokens_per_s']:.1f}", f"batch {s['batch_size']}, prompt {s['prompt_len']}")
         table.add_row("decode tok/s", f"{s['decode_tokens_per_s']:.1f}", f"{s['new_tokens']} new tokens, KV cache")
     console.print(table)
+
+
+def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict | None:
+    """The evaluation of the model a plan was made from, under `settings` (evaluate's keyword
+    arguments); cached in $COME_CACHE/evals so that every card of the same source reuses it."""
+    import hashlib
+
+    from .models import cache_dir
+    from .outputs import write_json_atomic
+
+    model = plan.get("model") or {}
+    source = model.get("builtin") or (None if model.get("kind") == "default" else model.get("path"))
+    if source is not None and model.get("kind") not in ("builtin",) and not Path(source).exists():
+        return None  # the original is not here: the card shows the compressed model alone
+    key = hashlib.sha256(json.dumps([source, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cached = cache_dir() / "evals" / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    result = evaluate(source, progress=progress, **settings)
+    write_json_atomic(cached, result)
+    return result
+
+
+def update_card(folder: str | Path, evaluation: dict, settings: dict, progress: bool = True) -> Path:
+    """Write `evaluation` (of `folder`, a `come compress` output) and the dense model's into its card."""
+    from .card import write_card
+    from .export import PLAN_FILE
+
+    folder = Path(folder)
+    plan_file = folder / PLAN_FILE
+    if not plan_file.is_file():
+        raise ComeError(f"--update-card needs a folder written by come ({folder} has no {PLAN_FILE})")
+    plan = json.loads(plan_file.read_text())
+    write_card(folder, plan, evaluation, dense_reference(plan, settings, progress))
+    return folder / "README.md"

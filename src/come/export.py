@@ -84,38 +84,14 @@ def build_plan(ctx, *, method: str, source: dict, original_layers: int, original
     }
 
 
-def _model_card(plan: dict) -> str:
-    rows = "\n".join(
-        f"| {layer['index']} | {', '.join(map(str, layer['covers']))} | {'merged' if layer['merged'] else 'kept'} |"
-        for layer in plan["layers"]
-    )
-    calib = plan["calibration"]
-    return f"""---
-library_name: transformers
-tags: [come, layer-merging, depth-pruning]
----
-# {plan['model'].get('name', 'model')} compressed with `come` ({plan['method']})
-
-{plan['original_layers']} -> {plan['final_layers']} decoder layers,
-{plan['original_parameters']:,} -> {plan['final_parameters']:,} parameters
-({plan['removed_parameter_fraction']:.1%} removed). A standard checkpoint: load it with
-`AutoModelForCausalLM.from_pretrained(path)`, no custom code.
-
-Calibration: {calib['nsamples']} x {calib['seqlen']} tokens from `{calib['source'].get('name')}`, seed {calib['seed']}.
-The full plan (sources of every layer, channels kept, scores at every step) is in `{PLAN_FILE}`.
-
-| layer | original layers it stands for | how |
-|---|---|---|
-{rows}
-"""
-
-
 def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
     """Tokenizer, plan and model card: everything but the weights and config."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1))
-    (folder / "README.md").write_text(_model_card(plan))
+    from .card import write_card
+
+    write_card(folder, plan)
 
 
 def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False, sources: list | None = None,
