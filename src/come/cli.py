@@ -378,6 +378,28 @@ def bench(
     typer.echo(f"{len(rows)} cells; results in {out}")
 
 
+@app.command("run")
+def run_command(
+    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/ and `come run --help`)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder; overrides the recipe's `out`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run a recipe: compress -> (distill) -> (eval), each stage skipped when its recorded settings match.
+
+    The recipe is validated before any work; a run killed in the middle continues at the stage that
+    did not finish when run again.
+    """
+    try:
+        from .recipe import run_recipe
+
+        outputs = run_recipe(recipe, out=str(out) if out else None, progress=not quiet,
+                             log=lambda message: typer.echo(message, err=True))
+    except _user_errors() as exc:
+        _fail(str(exc))
+    for stage, path in outputs.items():
+        typer.echo(f"{stage}: {path}")
+
+
 @app.command()
 def methods() -> None:
     """List the compression methods."""

@@ -10,6 +10,7 @@ heavy, so `come --help` stays fast.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal
 
 
 def _opt(default, help: str, **cli):
@@ -28,20 +29,20 @@ class CompressionOptions:
                                       "(come-search: yes; come, come-p: no, as the paper).")
     protect_first: int = _opt(0, "The first N original layers are never merged or deleted (come, come-p, come-search). "
                                  "Default: the method's (come-search: 1).", min=0)
-    norm: str = _opt("fold", "RMSNorm gains: fold (into the maps they feed: exact) | mean (the paper's average).")
-    output_norm: str = _opt("scale", "Post-norms (Gemma): scale (fold each source's gain and typical 1/rms into its "
+    norm: Literal["fold", "mean"] = _opt("fold", "RMSNorm gains: fold (into the maps they feed: exact) | mean (the paper's average).")
+    output_norm: Literal["scale", "mean"] = _opt("scale", "Post-norms (Gemma): scale (fold each source's gain and typical 1/rms into its "
                                      "output map, calibrate the merged gain) | mean (average the gains).")
-    sbi_tokens: str = _opt("last", "Tokens the window distance compares: last | all.")
+    sbi_tokens: Literal["last", "all"] = _opt("last", "Tokens the window distance compares: last | all.")
     incremental: bool = _opt(True, "Recompute only the layers after a merge (False: every layer; benchmarks).")
-    activation_dtype: str = _opt("float32", "Calibration activations: float32 | bfloat16 | float16 (scores stay float32).")
-    activation_storage: str = _opt("auto", "Activations: ram | disk | auto (disk if over half of free memory). "
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "Calibration activations: float32 | bfloat16 | float16 (scores stay float32).")
+    activation_storage: Literal["auto", "ram", "disk"] = _opt("auto", "Activations: ram | disk | auto (disk if over half of free memory). "
                                            "Layer-wise, merged layers go to disk unless ram.")
     cache_dir: str | None = _opt(None, "Folder for the disk cache (default: $COME_CACHE/work).")
     progress: bool = _opt(True, "Progress bars.")
     granularity: int = _opt(20, "come-p: channel-ratio grid steps (G+1 candidates per merge).", min=1)
     search_samples: int | None = _opt(None, "Calibration sequences scored by loss/similarity searches. Default: the "
                                             "method's (come-search: 8; come-p, sleb, laco: all).", min=1)
-    laco_thresholds: tuple = _opt((0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
+    laco_thresholds: tuple[float, ...] = _opt((0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
                                   "laco: similarity thresholds tried from high to low.")
     laco_interval: int = _opt(2, "laco: step down after an accepted merge.", min=1)
     laco_min_layer: int = _opt(1, "laco: lowest layer a merge may start at.", min=0)
@@ -52,8 +53,8 @@ class CompressionOptions:
                                               "(chosen per layer on held-out calibration sequences).")
     search_windows: int = _opt(3, "come-search: merge candidates (most redundant windows) per step.", min=0)
     search_deletions: int = _opt(3, "come-search: deletion candidates (lowest-BI layers) per step.", min=0)
-    search_ratios: tuple = _opt((0.5,), "come-search: first-layer channel shares tried besides the BI ratio.")
-    replaceme_objective: str = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
+    search_ratios: tuple[float, ...] = _opt((0.5,), "come-search: first-layer channel shares tried besides the BI ratio.")
+    replaceme_objective: Literal["lstsq", "cosine"] = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
     replaceme_blocks: int = _opt(1, "replaceme: remove the layers as this many blocks.", min=1)
     replaceme_epochs: int = _opt(10, "replaceme cosine: Adam epochs over the calibration tokens.", min=1)
 
