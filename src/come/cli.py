@@ -378,6 +378,23 @@ def bench(
     typer.echo(f"{len(rows)} cells; results in {out}")
 
 
+@app.command("export-gguf")
+def export_gguf_command(
+    model: Path = typer.Argument(..., help="A model folder (e.g. written by come compress or come distill)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write (atomically)."),
+    type_: str = typer.Option("f16", "--type", help="Matrix type: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0."),
+    overwrite: bool = typer.Option(False, help="Replace an existing file."),
+) -> None:
+    """Write MODEL as a GGUF file for llama.cpp / ollama (Llama and Mistral families)."""
+    try:
+        from .gguf_export import export_gguf
+
+        path = export_gguf(model, out, type_, overwrite=overwrite)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+
+
 @app.command("run")
 def run_command(
     recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/ and `come run --help`)."),

@@ -106,6 +106,10 @@ class EvalStage(_Strict):
     update_card: bool = True
 
 
+class ExportStage(_Strict):
+    gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]] = ["f16"]
+
+
 class Recipe(_Strict):
     model: Optional[str] = None
     out: Optional[str] = None
@@ -113,6 +117,7 @@ class Recipe(_Strict):
     compress: CompressStage
     distill: Optional[dict[str, Any]] = None
     eval: Optional[EvalStage] = None
+    export: Optional[ExportStage] = None
 
 
 def _messages(exc: ValidationError, prefix: str = "") -> str:
@@ -277,6 +282,21 @@ def run_recipe(path: str | Path, out: str | None = None, progress: bool = True, 
             write_json_atomic(eval_file, result)
             _record(run, "eval", eval_settings)
         outputs["eval"] = str(eval_file)
+
+    # 4. export
+    if recipe.export is not None:
+        from .gguf_export import export_gguf
+
+        for qtype in recipe.export.gguf:
+            file = run / f"model-{qtype}.gguf"
+            settings = {"of": _state(run).get("distill" if recipe.distill else "compress"), "type": qtype}
+            if _done(run, f"gguf-{qtype}", settings, file):
+                log(f"[run] gguf {qtype}: done already ({file}), skipped")
+            else:
+                log(f"[run] gguf {qtype} -> {file}")
+                export_gguf(final, file, qtype, overwrite=True)
+                _record(run, f"gguf-{qtype}", settings)
+            outputs[f"gguf-{qtype}"] = str(file)
     return outputs
 
 

@@ -1,0 +1,192 @@
+"""`come export-gguf`: a compressed (or any supported) checkpoint folder as a GGUF file for llama.cpp / ollama.
+
+Written with the `gguf` package (its writer, tensor-name map and quantisers): the
+model's hyper-parameters as `<arch>.*` keys, the tokenizer and chat template
+copied from the source GGUF when the model came from one (the built-in models
+do), otherwise built from `tokenizer.json` (byte-level BPE), then every tensor
+under its GGUF name. llama.cpp stores Llama's q/k rows in the interleaved rotary
+order of the original checkpoints, so those are permuted as its own converter
+does (and as transformers undoes when it reads a GGUF). Norms and other 1-D
+tensors stay float32; matrices take the requested type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ComeError
+
+# HF model type -> (GGUF architecture, q/k rows permuted for llama.cpp's rotary layout)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# GGUF general.file_type (llama_ftype) of each whole-file type.
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+class GGUFExportError(ComeError):
+    pass
+
+
+def _qtype(name: str):
+    from gguf import GGMLQuantizationType
+
+    return getattr(GGMLQuantizationType, name.upper())
+
+
+def permute_for_gguf(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's rotary-half row order -> llama.cpp's interleaved order (the inverse of transformers' reverse)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _source_gguf(folder: Path) -> Path | None:
+    plan_file = folder / "come_plan.json"
+    if not plan_file.is_file():
+        return None
+    model = json.loads(plan_file.read_text()).get("model") or {}
+    path = model.get("gguf") or (model.get("path") if model.get("kind") == "gguf" else None)
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _copy_tokenizer_fields(writer, source: Path) -> None:
+    """tokenizer.* (and the chat template) of the source GGUF, field by field with their GGUF types."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        value = field.contents()
+        if kind == GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        elif kind == GGUFValueType.STRING:
+            writer.add_string(key, value)
+        else:
+            writer.add_key_value(key, value, kind)
+
+
+def _tokenizer_from_files(writer, folder: Path) -> None:
+    """A byte-level BPE tokenizer.json as GGUF tokenizer fields ("gpt2" model)."""
+    from gguf import TokenType
+
+    file = folder / "tokenizer.json"
+    if not file.is_file():
+        raise GGUFExportError(f"{folder} has no tokenizer.json and the model did not come from a GGUF to copy one from")
+    spec = json.loads(file.read_text())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"only byte-level BPE tokenizers are converted (this one is {model.get('type')!r})")
+    vocab = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    vocab.update(special)
+    size = max(vocab.values()) + 1
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [TokenType.UNUSED] * size
+    for text, idx in vocab.items():
+        tokens[idx] = text
+        types[idx] = TokenType.CONTROL if text in special else TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").is_file() else {}
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token in vocab:
+            add(vocab[token])
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        writer.add_chat_template(template.read_text())
+    elif config.get("chat_template"):
+        writer.add_chat_template(config["chat_template"])
+
+
+def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwrite: bool = False) -> Path:
+    """Write the model in `folder` to the GGUF file `out` with matrices in `qtype`; returns its path."""
+    import gguf
+
+    from .models import load_model
+    from .outputs import apply_umask, check_not_source, check_writable, remove_stale, temp_prefix
+
+    if qtype not in TYPES:
+        raise GGUFExportError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(TYPES)}")
+    folder, out = Path(folder).expanduser().resolve(), Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise GGUFExportError(f"{out} exists; pass --overwrite to replace it")
+    check_not_source(out, [folder])
+    check_writable(out.parent, "output")
+    loaded = load_model(str(folder), dtype="float32")
+    model, config = loaded.model, loaded.model.config
+    if config.model_type not in ARCHITECTURES:
+        raise GGUFExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {config.model_type!r}")
+    arch, permute = ARCHITECTURES[config.model_type]
+    n_layers = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, f".{out.name}-p*")
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(f".{out.name}"), dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(f"{loaded.source.get('name', folder.name)} ({n_layers} layers, come)")
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(n_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_freq_base(float((getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+                                        or getattr(config, "rope_theta", 10000.0)))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(FILE_TYPES[qtype])
+        source = _source_gguf(folder)
+        if source is not None:
+            _copy_tokenizer_fields(writer, source)
+        else:
+            _tokenizer_from_files(writer, folder)
+
+        state = model.state_dict()
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
+        for name, tensor in state.items():
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise GGUFExportError(f"no GGUF name for tensor {name}")
+            t = tensor.detach().float()
+            if permute and name.endswith("self_attn.q_proj.weight"):
+                t = permute_for_gguf(t, config.num_attention_heads)
+            elif permute and name.endswith("self_attn.k_proj.weight"):
+                t = permute_for_gguf(t, config.num_key_value_heads)
+            data = t.numpy()
+            if data.ndim < 2 or qtype == "f32":
+                writer.add_tensor(gguf_name, data.astype(np.float32))
+            elif qtype == "f16":
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                target = _qtype(qtype)
+                writer.add_tensor(gguf_name, gguf.quants.quantize(data, target), raw_dtype=target)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        apply_umask(tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out
