@@ -118,7 +118,8 @@ def compress(
     search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
     search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
     search_ratios: str = typer.Option(
-        ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1]."
+        ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
+        show_default=False,
     ),
     replaceme_objective: str = typer.Option(default("replaceme_objective"), help=help_text("replaceme_objective")),
     replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),

@@ -37,6 +37,8 @@ from .come_p import candidate_ratios
 
 def ratio_vectors(bi, start: int, size: int, shares) -> list[tuple[str, list[float]]]:
     """(name, ratios) of a window: the BI ratio first, then each first-layer share; duplicates dropped."""
+    if any(not 0 <= float(r) <= 1 for r in shares):
+        raise MergeError(f"--search-ratios must lie in [0, 1], got {list(shares)}")
     out = [("bi", bi_ratios(bi, start, size))]
     for r in shares:
         ratios = candidate_ratios(bi, start, size, float(r))
