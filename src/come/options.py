@@ -41,7 +41,7 @@ class CompressionOptions:
     progress: bool = _opt(True, "Progress bars.")
     granularity: int = _opt(20, "come-p: channel-ratio grid steps (G+1 candidates per merge).", min=1)
     search_samples: int | None = _opt(None, "Calibration sequences scored by loss/similarity searches. Default: the "
-                                            "method's (come-search: 8; come-p, sleb, laco: all).", min=1)
+                                            "method's (come-search: 4; come-p, sleb, laco: all).", min=1)
     laco_thresholds: tuple[float, ...] = _opt((0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
                                   "laco: similarity thresholds tried from high to low.")
     laco_interval: int = _opt(2, "laco: step down after an accepted merge.", min=1)
