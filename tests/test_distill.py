@@ -38,7 +38,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher_dir = save_teacher(root / "teacher")
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
-    compress(loaded, target_layers=3, method="come", tokens=tiny_tokens(), out=root / "compressed", progress=False)
+    compress(loaded, target_layers=3, method="come", allow_remerge=False, tokens=tiny_tokens(), out=root / "compressed",
+             progress=False)  # disjoint pairs: every layer is merged
     return root, teacher_dir, root / "compressed"
 
 

@@ -82,9 +82,10 @@ def test_same_seed_same_plan_and_weights():
 
 def test_remerge_rule_and_merge_size():
     with pytest.raises(MergeError, match="allow-remerge"):
-        _run("llama", target=2)  # 6 layers -> 2 needs a merged layer to merge again
-    assert _run("llama", target=2, allow_remerge=True).plan["final_layers"] == 2
-    plan = _run("llama", target=2, merge_size=3).plan
+        _run("llama", target=2, allow_remerge=False)  # the paper's rule: 6 layers -> 2 needs a merged layer again
+    assert _run("llama", target=2).plan["final_layers"] == 2  # re-merging is come's default
+    assert _run("llama", target=2).plan["options"]["allow_remerge"] is True
+    plan = _run("llama", target=2, merge_size=3, allow_remerge=False).plan
     assert plan["final_layers"] == 2 and len(plan["steps"]) == 2
     assert all(s["window"][1] - s["window"][0] == 2 for s in plan["steps"])
 
@@ -127,12 +128,12 @@ def test_existing_output_refused_and_overwrite(tmp_path):
 
 
 def test_failure_leaves_no_output(tmp_path, monkeypatch):
-    import come.export as export
+    import come.card as card
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_model_card", broken)
+    monkeypatch.setattr(card, "model_card", broken)  # fails after the weights are written
     with pytest.raises(RuntimeError):
         _run("llama", target=5, out=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

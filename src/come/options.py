@@ -26,7 +26,7 @@ class CompressionOptions:
     batch_size: int = _opt(8, "Sequences per forward pass during calibration.", min=1)
     merge_size: int = _opt(2, "Adjacent layers merged per step.", min=2)
     allow_remerge: bool = _opt(False, "Allow windows that contain an already merged layer. Default: the method's "
-                                      "(come-search: yes; come, come-p: no, as the paper).")
+                                      "(come-search, come: yes; come-p: no; the paper: no).")
     protect_first: int = _opt(0, "The first N original layers are never merged or deleted (come, come-p, come-search). "
                                  "Default: the method's (come-search: 1).", min=0)
     norm: Literal["fold", "mean"] = _opt("fold", "RMSNorm gains: fold (into the maps they feed: exact) | mean (the paper's average).")
