@@ -385,12 +385,13 @@ def export_gguf_command(
     out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write (atomically)."),
     type_: str = typer.Option("f16", "--type", help="Matrix type: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0."),
     overwrite: bool = typer.Option(False, help="Replace an existing file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write MODEL as a GGUF file for llama.cpp / ollama (Llama and Mistral families)."""
     try:
         from .gguf_export import export_gguf
 
-        path = export_gguf(model, out, type_, overwrite=overwrite)
+        path = export_gguf(model, out, type_, overwrite=overwrite, progress=not quiet)
     except _user_errors() as exc:
         _fail(str(exc))
     typer.echo(f"{path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")

@@ -111,7 +111,8 @@ def _tokenizer_from_files(writer, folder: Path) -> None:
         writer.add_chat_template(config["chat_template"])
 
 
-def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwrite: bool = False) -> Path:
+def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwrite: bool = False,
+                progress: bool = True) -> Path:
     """Write the model in `folder` to the GGUF file `out` with matrices in `qtype`; returns its path."""
     import gguf
 
@@ -164,7 +165,9 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
         state = model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when output is absent
-        for name, tensor in state.items():
+        from tqdm.auto import tqdm
+
+        for name, tensor in tqdm(state.items(), desc=f"GGUF {qtype}", unit="tensor", disable=not progress):
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if gguf_name is None:
                 raise GGUFExportError(f"no GGUF name for tensor {name}")

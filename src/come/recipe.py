@@ -294,7 +294,7 @@ def run_recipe(path: str | Path, out: str | None = None, progress: bool = True, 
                 log(f"[run] gguf {qtype}: done already ({file}), skipped")
             else:
                 log(f"[run] gguf {qtype} -> {file}")
-                export_gguf(final, file, qtype, overwrite=True)
+                export_gguf(final, file, qtype, overwrite=True, progress=progress)
                 _record(run, f"gguf-{qtype}", settings)
             outputs[f"gguf-{qtype}"] = str(file)
     return outputs
