@@ -1,0 +1,73 @@
+"""Compression cost of the default method against the paper's CoMe, measured in one run.
+
+Both compress SmolLM2-135M at the same ratio from the same calibration set (the default 32 x 512
+Wikipedia tokens), one after the other in this process, alternating `--repeats` times so that a
+change in machine load hits both; reports wall seconds, decoder-layer passes and the ratio.
+
+    python bench/cost_smollm2.py --ratio 0.3 --repeats 1 --results bench/results/cost_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--results", default=str(HERE / "results" / "cost_smollm2"))
+    args = parser.parse_args()
+
+    import come
+    from come.data import calibration_tokens
+    from come.models import load_model
+
+    loaded = load_model(None)
+    tokens = calibration_tokens(loaded.tokenizer, "wikipedia", 32, 512, seed=0)
+    runs = {"come (paper)": dict(method="come", allow_remerge=False), "come-search (default)": dict(method="come-search")}
+    rows = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, options in runs.items():
+            model = load_model(None)
+            start = time.perf_counter()
+            result = come.compress(model, ratio=args.ratio, tokens=tokens, progress=False, **options)
+            seconds = time.perf_counter() - start
+            rows[name].append({"seconds": seconds, "layer_passes": result.plan["execution"]["layer_passes"],
+                               "final_layers": result.plan["final_layers"]})
+            print(f"{name}: {seconds:.1f} s, {result.plan['execution']['layer_passes']} layer passes", flush=True)
+    best = {name: min(r["seconds"] for r in rs) for name, rs in rows.items()}
+    ratio = best["come-search (default)"] / best["come (paper)"]
+    command = "python bench/cost_smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [
+        "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"date {time.strftime('%Y-%m-%d')}. Calibration: 32 x 512 Wikipedia tokens (seed 0), ratio {args.ratio}.",
+        "",
+        "| method | layers | best wall s | decoder-layer passes (whole-set equivalents) |",
+        "|---|---|---|---|",
+    ]
+    for name, rs in rows.items():
+        lines.append(f"| {name} | {rs[0]['final_layers']} | {best[name]:.1f} | {rs[0]['layer_passes']} |")
+    lines += ["", f"Time ratio (default / paper): **{ratio:.2f}x**."]
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
