@@ -316,3 +316,16 @@ def test_a_gguf_source_is_saved_as_bfloat16(tmp_path, monkeypatch):
                       out=tmp_path / "out")
     assert result.plan["save_dtype"] == {"dtype": "bfloat16", "why": "the source is a quantised GGUF"}
     assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").parameters()} == {torch.bfloat16}
+
+
+def test_output_may_not_overwrite_a_cached_builtin_model(tmp_path, monkeypatch):
+    import come.models
+    from come.pipeline import source_paths
+
+    monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(come.models, "_CACHE_CHOICE", {})
+    cached = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    cached.mkdir(parents=True)
+    assert source_paths(None) == [cached] and source_paths("smollm2-135m") == [cached]
+    _assert_error(_compress("--ratio", "0.3", "--out", cached, "--overwrite"), "would overwrite the model")
+    assert cached.is_dir()

@@ -247,7 +247,7 @@ def compress(
         check_layerwise(method)
         if isinstance(model, LoadedModel):
             raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
-    sources = [model] if isinstance(model, (str, Path)) else []
+    sources = source_paths(model)
     out_dir = prepare_output(out, overwrite, sources) if out is not None else None  # fail fast, before any work
     if layerwise:
         from .layerwise import parse_size
@@ -333,6 +333,15 @@ def compress(
             result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite,
                                              sources=sources, save_dtype=parse_dtype(saved_as))
     return result
+
+
+def source_paths(model) -> list:
+    """Paths an output must not touch: the model argument, or a built-in model's cached folder."""
+    from .models import BUILTINS, DEFAULT_MODEL
+
+    if model is None or model in BUILTINS:
+        return [models_mod.cache_dir() / "models" / BUILTINS[model or DEFAULT_MODEL][0]]
+    return [model] if isinstance(model, (str, Path)) else []
 
 
 def activation_bytes(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, opts: CompressionOptions) -> int:
