@@ -1,6 +1,5 @@
 """GGUF export: round trip through transformers' GGUF reader, and (slow) through a real llama.cpp runtime."""
 
-import shutil
 
 import pytest
 import torch

@@ -97,7 +97,6 @@ def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
 def save_compressed(model, tokenizer, plan: dict, out: Path, overwrite: bool = False, sources: list | None = None,
                     save_dtype=None) -> Path:
     """Write `model` as a checkpoint folder, atomically; floating weights in `save_dtype` (default: as held)."""
-    import torch
 
     with atomic_folder(out, overwrite, sources) as tmp:
         if save_dtype is None:
