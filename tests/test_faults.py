@@ -121,6 +121,18 @@ def test_output_may_not_touch_the_source(model_dir, tmp_path, where):
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
+def test_python_api_protects_the_folder_a_loaded_model_came_from(model_dir, tmp_path):
+    from come.models import load_model
+    from come.pipeline import compress
+
+    src = _copy(model_dir, tmp_path / "src")
+    loaded = load_model(str(src))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(Exception, match="would overwrite the model"):
+        compress(loaded, target_layers=4, out=src, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def test_read_only_output_location_fails_before_any_work(model_dir, tmp_path, monkeypatch):
     calls = []
     import come.pipeline

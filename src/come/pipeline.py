@@ -339,6 +339,9 @@ def source_paths(model) -> list:
     """Paths an output must not touch: the model argument, or a built-in model's cached folder."""
     from .models import BUILTINS, DEFAULT_MODEL
 
+    if isinstance(model, LoadedModel):  # already loaded: protect the folder it came from, if any
+        path = (model.source or {}).get("path")
+        return [Path(path)] if path else []
     if model is None or model in BUILTINS:
         return [models_mod.cache_dir() / "models" / BUILTINS[model or DEFAULT_MODEL][0]]
     return [model] if isinstance(model, (str, Path)) else []
