@@ -1,0 +1,107 @@
+"""The teacher's hidden states at the span boundaries, computed once into a disk cache and streamed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..adapters import Adapter, adapter_for
+from ..errors import NonFiniteActivations
+from ..models import DTYPES
+from ..outputs import write_json_atomic
+from ..scoring import _capture_layer_inputs
+from .common import _layer_out, _span
+from .options import DistillOptions
+
+
+# -- teacher boundaries ---------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _capture_boundaries(model: nn.Module, adapter: Adapter, ids: torch.Tensor, boundaries: set[int]) -> dict[int, torch.Tensor]:
+    """Hidden states at `boundaries` (b < L: input of layer b; b = L: output of the last layer),
+    from the model's own forward, stopped as soon as the deepest one is seen."""
+    layers = adapter.layers(model)
+    deepest, found = max(boundaries), {}
+
+    def keep(b, h):
+        found[b] = h
+        if b == deepest:
+            raise _Stop
+
+    hooks = [
+        layers[b].register_forward_pre_hook(lambda m, a, kw, b=b: keep(b, a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        for b in boundaries
+        if b < len(layers)
+    ]
+    if len(layers) in boundaries:
+        hooks.append(layers[-1].register_forward_hook(lambda m, a, out: keep(len(layers), _layer_out(out))))
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _cache_file(cache: Path, boundary: int, chunk: int) -> Path:
+    return cache / f"b{boundary:03d}_c{chunk:05d}.safetensors"
+
+
+def _build_cache(teacher, adapter, tokens: torch.Tensor, boundaries: set[int], o: DistillOptions, cache: Path) -> None:
+    """Teacher states at `boundaries` for every chunk of `batch_size` sequences, written once."""
+    from safetensors.torch import save_file
+
+    if (cache / "manifest.json").is_file():
+        return  # complete: the manifest is written last
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    device, dtype = next(teacher.parameters()).device, DTYPES[o.cache_dtype]
+    starts = range(0, tokens.shape[0], o.batch_size)
+    for c, b0 in enumerate(tqdm(starts, desc="teacher cache", unit="chunk", disable=not o.progress, leave=False)):
+        states = _capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
+        for b, h in states.items():
+            if not torch.isfinite(h).all():
+                raise NonFiniteActivations(f"the teacher has non-finite hidden states (NaN/Inf) at layer boundary {b}; try --dtype float32")
+            save_file({"h": h.to(dtype).cpu().contiguous()}, _cache_file(tmp, b, c))
+    write_json_atomic(tmp / "manifest.json", {"boundaries": sorted(boundaries), "chunks": len(starts), "dtype": o.cache_dtype})
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+
+
+def _read_chunk(cache: Path, boundary: int, chunk: int) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(_cache_file(cache, boundary, chunk))["h"]
+
+
+@torch.no_grad()
+def span_errors(teacher: nn.Module, student: nn.Module, plan_layers: list[dict], tokens: torch.Tensor, batch_size: int = 8) -> dict[int, float]:
+    """Teacher-forced normalised MSE of every student layer against the teacher span it stands for,
+    on `tokens` ([n, seqlen] ids): the stage-1 objective, e.g. on held-out text."""
+    adapter = adapter_for(teacher.config)
+    device = next(teacher.parameters()).device
+    kwargs = _capture_layer_inputs(teacher, adapter, tokens[:1].to(device), all_layers=True)[1]
+    boundaries = {b for rec in plan_layers for b in (_span(rec)[0], _span(rec)[1] + 1)}
+    sums: dict[int, list[float]] = {k: [0.0, 0.0] for k in range(len(plan_layers))}
+    for b0 in range(0, tokens.shape[0], batch_size):
+        h = _capture_boundaries(teacher, adapter, tokens[b0 : b0 + batch_size].to(device), boundaries)
+        for k, rec in enumerate(plan_layers):
+            first, last = _span(rec)
+            y = _layer_out(adapter.layers(student)[k](h[first], **kwargs[first])).float()
+            target = h[last + 1].float()
+            sums[k][0] += (y - target).pow(2).sum().item()
+            sums[k][1] += target.pow(2).sum().item()
+    return {k: err / norm for k, (err, norm) in sums.items()}
+
+

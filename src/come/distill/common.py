@@ -1,0 +1,168 @@
+"""What every stage shares: seeds, losses, optimiser steps, the picklable job each worker runs."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..adapters import adapter_for
+from ..models import load_model, resolve_device
+from .options import METRICS_FILE, DistillInterrupted, DistillOptions, NonFiniteLoss
+
+
+# -- small helpers -------------------------------------------------------------
+def _seed(*parts) -> int:
+    """A 63-bit seed that depends on `parts` only (never on process, rank or call order)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _span(record: dict) -> tuple[int, int]:
+    """(first, last) original layer of a plan record; covers are contiguous, so min..max."""
+    return min(record["covers"]), max(record["covers"])
+
+
+def _is_merged(record: dict) -> bool:
+    # A shortgpt survivor that absorbed removed layers has covers > 1 and needs training too.
+    return bool(record.get("merged")) or len(record["covers"]) > 1
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _log(work: Path, record: dict) -> None:
+    # One write per line in append mode: lines from several ranks never interleave.
+    with open(work / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _optimizer(params: list[nn.Parameter], lr: float, o: DistillOptions, total_steps: int):
+    """AdamW with linear warm-up over `warmup` of the steps, then cosine decay towards 0."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
+    warm = round(o.warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _step(params, opt, sched, o: DistillOptions) -> float:
+    lr = opt.param_groups[0]["lr"]
+    if o.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+    opt.step()
+    sched.step()
+    return lr
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_order(n: int, *seed_parts) -> tuple[int, ...]:
+    """A permutation of range(n) that depends on `seed_parts` (seed, stage, layer, epoch) only."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(_seed(*seed_parts))).tolist())
+
+
+def _nmse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE relative to the target's mean square: comparable across layers whose scales differ by 100x."""
+    y, target = y.float(), target.float()
+    return (y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) at `temperature`, scaled by T^2 (Hinton et al.)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _summarize(losses: list[float]) -> dict:
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"steps": len(losses), "initial_loss": losses[0] if losses else None, "final_loss": sum(tail) / len(tail) if tail else None}
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# -- the job every rank runs ------------------------------------------------------
+@dataclass
+class _Job:
+    """Everything a worker process needs (picklable: workers load the models themselves)."""
+
+    student_dir: str
+    teacher: str | None
+    work: str
+    plan_layers: list[dict]
+    stage1_layers: list[int]
+    options: DistillOptions
+    threads: int
+    stop_after: int | None = None
+    steps_run: int = 0  # in this process, for the stop_after hook
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.work)
+
+    def count_step(self) -> None:
+        self.steps_run += 1
+        if self.stop_after is not None and self.steps_run >= self.stop_after:
+            raise DistillInterrupted(f"stopped after {self.steps_run} steps as asked; continue with --resume ({self.work})")
+
+
+def _rank_device(device: str, rank: int, world: int) -> str:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and world > 1:
+        return f"cuda:{rank % torch.cuda.device_count()}"
+    return str(resolved)
+
+
+def _load_models(job: _Job, rank: int, world: int):
+    o = job.options
+    device = _rank_device(o.device, rank, world)
+    teacher = load_model(job.teacher, dtype=o.dtype, device=device).model.requires_grad_(False)
+    student = load_model(job.student_dir, dtype=o.dtype, device=device).model.requires_grad_(False)
+    return teacher, student
+
+
+def _layer_file(job: _Job, k: int, suffix: str) -> Path:
+    return job.dir / "stage1" / f"layer_{k:03d}{suffix}"
+
+
+def _apply_trained(student: nn.Module, job: _Job, stage2: bool = True) -> None:
+    """Load the finished stage-1 layers (and the stage-2 result) into `student`."""
+    from safetensors.torch import load_file
+
+    layers = adapter_for(student.config).layers(student)
+    for k in job.stage1_layers:
+        if _layer_file(job, k, ".safetensors").is_file():
+            layers[k].load_state_dict(load_file(_layer_file(job, k, ".safetensors")))
+    final = job.dir / "stage2" / "final.pt"
+    if stage2 and final.is_file():
+        _load_named(student, torch.load(final, map_location="cpu"))
+
+
+def _load_named(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _non_finite(where: str, checkpoint: Path, work: Path) -> NonFiniteLoss:
+    kept = f"the last good checkpoint is {checkpoint}" if checkpoint.is_file() else f"no checkpoint of it was saved yet (finished layers are in {work})"
+    return NonFiniteLoss(f"non-finite loss (NaN/Inf) in {where}; stopped, {kept}; try a lower learning rate or --dtype float32")
+
+

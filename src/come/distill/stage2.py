@@ -1,0 +1,197 @@
+"""Stage 2: end-to-end logit distillation plus hidden-state alignment (DDP or FSDP2 over workers)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..adapters import adapter_for
+from ..outputs import write_json_atomic
+from .common import (
+    _apply_trained,
+    _epoch_order,
+    _is_merged,
+    _Job,
+    _kl,
+    _layer_out,
+    _load_models,
+    _load_named,
+    _log,
+    _nmse,
+    _non_finite,
+    _optimizer,
+    _save_atomic,
+    _seed,
+    _span,
+    _step,
+    _summarize,
+)
+
+
+# -- stage 2 -----------------------------------------------------------------------
+def _stage2_parameters(student: nn.Module, job: _Job) -> list[tuple[str, nn.Parameter]]:
+    if job.options.train == "all":
+        return list(student.named_parameters())
+    prefix = adapter_for(student.config).layers_path
+    chosen = {f"{prefix}.{k}." for k, rec in enumerate(job.plan_layers) if _is_merged(rec)}
+    return [(n, p) for n, p in student.named_parameters() if any(n.startswith(c) for c in chosen)]
+
+
+def _stage2_rows(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Rows start..start+count of an endless stream of seeded per-epoch permutations of range(n)."""
+    return [_epoch_order(n, seed, "stage2", pos // n)[pos % n] for pos in range(start, start + count)]
+
+
+def _shard(student: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """FSDP2: each decoder layer its own shard group, the rest (embeddings, final norm, head) the root's.
+    Parameters become DTensors under the same names; frozen ones simply get no gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in adapter_for(student.config).layers(student):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(student, mesh=mesh)
+
+
+def _full_state(model: nn.Module, opt, names: list[str], fsdp: bool, optimizer: bool = True) -> tuple[dict, dict | None]:
+    """(trainable tensors by name, optimizer state) as ordinary full CPU tensors. Under FSDP a collective
+    (every rank calls it) whose result only rank 0 holds; the optimizer state is then keyed by name."""
+    if not fsdp:
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().cpu() for n in names}, (opt.state_dict() if optimizer else None)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=full)
+    trainable = {n: state[n] for n in names if n in state}
+    return trainable, (get_optimizer_state_dict(model, opt, options=full) if optimizer else None)
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing (`activation_*` in recent transformers, `gradient_*` before)."""
+    kwargs = {"use_reentrant": False}  # reentrant needs inputs that require grad; embeddings may be frozen
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs) if on else model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on else model.gradient_checkpointing_disable()
+
+
+def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
+    final, checkpoint = job.dir / "stage2" / "final.pt", job.dir / "stage2" / "checkpoint.pt"
+    if final.is_file():
+        return
+    o = job.options
+    teacher, student = models or _load_models(job, rank, world)
+    _apply_trained(student, job, stage2=False)
+    adapter = adapter_for(student.config)
+    device = next(student.parameters()).device
+    tokens = torch.load(job.dir / "tokens.pt")
+    named = _stage2_parameters(student, job)
+    for _, p in named:
+        p.requires_grad_(True)
+    names = [n for n, _ in named]
+    fsdp = o.fsdp and world > 1
+    saved = torch.load(checkpoint, map_location="cpu" if fsdp else device) if checkpoint.is_file() else None
+    if saved is not None:
+        _load_named(student, saved["trainable"])  # before sharding: every rank reads the full tensors
+    if o.gradient_checkpointing:
+        _set_checkpointing(student, True)
+    student.train()
+    net = student
+    if fsdp:
+        net = _shard(student, device, world)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [dict(student.named_parameters())[n] for n in names]  # after sharding: FSDP's DTensor parameters
+    opt, sched = _optimizer(params, o.global_lr, o, o.global_steps)
+    progress = {"step": 0, "losses": []}
+    if saved is not None:
+        if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(net, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        progress = saved["progress"]
+        del saved
+
+    pairs = [(k, _span(rec)[1]) for k, rec in enumerate(job.plan_layers)]
+    s_out, t_out = {}, {}
+
+    def keep(store, key):  # assignment, so a checkpointing replay just overwrites
+        return lambda m, a, out: store.__setitem__(key, _layer_out(out))
+
+    hooks = [adapter.layers(student)[k].register_forward_hook(keep(s_out, k)) for k, _ in pairs]
+    hooks += [adapter.layers(teacher)[j].register_forward_hook(keep(t_out, j)) for j in {j for _, j in pairs}]
+    bar = tqdm(total=o.global_steps, initial=progress["step"], desc="stage 2", disable=not o.progress or rank > 0, leave=False)
+    try:
+        while progress["step"] < o.global_steps:
+            step = progress["step"]
+            torch.manual_seed(_seed(o.seed, "stage2", step, rank))
+            opt.zero_grad(set_to_none=True)
+            parts = torch.zeros(3, device=device)  # loss, kd, hidden: averaged over micro-batches and ranks
+            for a in range(o.grad_accum):
+                first_row = ((step * o.grad_accum + a) * world + rank) * o.batch_size
+                ids = tokens[_stage2_rows(tokens.shape[0], o.seed, first_row, o.batch_size)].to(device)
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+                sync = world == 1 or a == o.grad_accum - 1
+                if fsdp:
+                    net.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
+                with contextlib.nullcontext() if sync or fsdp else net.no_sync():
+                    kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
+                    hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
+                    loss = kd + o.hidden_weight * hidden
+                    now = torch.stack([loss, kd, hidden]).detach()
+                    if world > 1:
+                        dist.all_reduce(now)  # every rank sees the same values and stops together
+                        now /= world
+                    if not torch.isfinite(now).all():
+                        raise _non_finite(f"stage 2, step {step + 1}", checkpoint, job.dir)
+                    (loss / o.grad_accum).backward()
+                parts += now / o.grad_accum
+            lr = _step(params, opt, sched, o)
+            loss, kd, hidden = parts.tolist()
+            progress["step"] += 1
+            progress["losses"].append(kd)
+            bar.update()
+            bar.set_postfix(kd=f"{kd:.4g}", hidden=f"{hidden:.3g}")
+            if rank == 0:
+                _log(job.dir, {"stage": 2, "layer": None, "step": progress["step"], "loss": loss, "kd": kd, "hidden": hidden, "lr": lr})
+            if progress["step"] % o.save_every == 0 and progress["step"] < o.global_steps and (rank == 0 or fsdp):
+                trainable, opt_state = _full_state(student, opt, names, fsdp)  # FSDP: gathered by every rank
+                if rank == 0:
+                    state = {"optimizer": opt_state, "scheduler": sched.state_dict()}
+                    _save_atomic({"trainable": trainable, **state, "progress": progress}, checkpoint)
+            job.count_step()
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    if o.gradient_checkpointing:
+        _set_checkpointing(student, False)
+    trainable = _full_state(student, opt, names, fsdp, optimizer=False)[0] if rank == 0 or fsdp else None
+    student.eval().requires_grad_(False)
+    if rank == 0:
+        write_json_atomic(job.dir / "stage2" / "summary.json", _summarize(progress["losses"]))
+        _save_atomic(trainable, final)
+        checkpoint.unlink(missing_ok=True)
+
+
