@@ -34,6 +34,18 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):  # noqa: F811
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("skipped") == 9
+    table = (out / "results.md").read_text()
+    assert "Partial table" not in table and "- ratio 0.01 (4 methods): lowest wikipedia perplexity: **" in table
+
+    # --report-only computes nothing: the cells of a new method are listed as not run.
+    only = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,sleb", "--ratios",
+                               "0.005,0.01", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32",
+                               "--tasks", "none", "--nsamples", "4", "--report-only", "-q"])
+    assert only.exit_code == 0, only.output
+    assert not list((out / "cells").glob("sleb-*")) and "[bench] sleb" not in only.output
+    table = (out / "results.md").read_text()
+    assert "**Partial table**: 2 cell(s) of the command not run yet: sleb-r0.005, sleb-r0.01." in table
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 3
 
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--set", "laco.nope=1"])
     assert bad.exit_code == 2 and "unknown option" in bad.output

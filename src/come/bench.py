@@ -51,6 +51,7 @@ def run_bench(
     save_dtype: str = "float32",
     progress: bool = True,
     command: str = "",
+    report_only: bool = False,
 ) -> list[dict]:
     """Run every cell not already finished under `out/cells/`; return all rows.
 
@@ -97,6 +98,7 @@ def run_bench(
     # recorded only when not float32, so cells finished before this knob existed stay valid.
     if save_dtype != "float32":
         settings["save_dtype"] = save_dtype
+    missing = []
     for label, ratio in cells:
         name = cell_name(label, ratio)
         cell_file = out / "cells" / f"{name}.json"
@@ -113,6 +115,9 @@ def run_bench(
             if previous.get("settings") == cell_settings:
                 print(f"[bench] {name}: done already, skipped", flush=True)
                 continue
+        if report_only:
+            missing.append(name)
+            continue
         print(f"[bench] {name}", flush=True)
         model_dir, compress_seconds, distill_seconds, plan = model, None, None, None
         if method != DENSE:
@@ -189,14 +194,37 @@ def run_bench(
 
     rows = []
     for method, ratio in cells:
-        cell_file = out / "cells" / f"{cell_name(method, ratio)}.json"
-        rows.append(json.loads(cell_file.read_text())["row"])
-    write_tables(rows, out, settings, command)
+        if cell_name(method, ratio) not in missing:
+            rows.append(json.loads((out / "cells" / f"{cell_name(method, ratio)}.json").read_text())["row"])
+    write_tables(rows, out, settings, command, missing)
     plot(rows, out / "results.png")
     return rows
 
 
-def write_tables(rows: list[dict], out: Path, settings: dict, command: str) -> None:
+def ranking(rows: list[dict]) -> list[str]:
+    """Per ratio: the method with the lowest perplexity per source and the highest average accuracy,
+    and which others are within one standard error of that average (the table cannot tell them apart)."""
+    lines = []
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != DENSE}):
+        here = [r for r in rows if r["ratio"] == ratio and r["method"] != DENSE]
+        parts = []
+        for key in [k for k in dict.fromkeys(k for r in here for k in r) if k.startswith("ppl_")]:
+            scored = [r for r in here if r.get(key) is not None]
+            if scored:
+                best = min(scored, key=lambda r: r[key])
+                parts.append(f"lowest {key.removeprefix('ppl_')} perplexity: **{best['method']}** ({best[key]:.1f})")
+        scored = [r for r in here if r.get("avg_acc") is not None]
+        if scored:
+            best = max(scored, key=lambda r: r["avg_acc"])
+            se = best.get("avg_acc_stderr") or 0.0
+            close = [r["method"] for r in scored if r is not best and r["avg_acc"] >= best["avg_acc"] - se]
+            parts.append(f"highest average accuracy: **{best['method']}** ({best['avg_acc']:.4f} ± {se:.4f}"
+                         + (f"; within one stderr: {', '.join(close)})" if close else ")"))
+        lines.append(f"- ratio {ratio:g} ({len(here)} methods): " + "; ".join(parts))
+    return lines
+
+
+def write_tables(rows: list[dict], out: Path, settings: dict, command: str, missing: list[str] | None = None) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -231,6 +259,9 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str) -> N
         "|" + "---|" * len(shown),
     ]
     lines += ["| " + " | ".join(cell(r, c) for c in shown) + " |" for r in rows]
+    if missing:
+        lines[1:1] = ["", f"**Partial table**: {len(missing)} cell(s) of the command not run yet: {', '.join(missing)}."]
+    lines += ["", "Per ratio, among the rows above:", "", *ranking(rows)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

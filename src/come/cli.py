@@ -344,6 +344,9 @@ def bench(
         [], "--distill-set", help="Distillation option for every --distill cell, OPTION=VALUE (e.g. tokens=131072, "
         "global_steps=16, batch_size=4); repeatable. See `come distill --help`.",
     ),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Compute nothing: write the tables from the cells already finished "
+        "(a partial table names the cells not run yet)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compress and evaluate every (method, ratio) cell; write results.md, results.csv and results.png."""
@@ -371,6 +374,7 @@ def bench(
             distill_methods=[m.strip() for m in distill_methods.split(",") if m.strip()],
             distill_options=_distill_options(distill_set),
             progress=not quiet,
+            report_only=report_only,
             command=_command_line("come bench", click_context),
         )
     except _user_errors() as exc:
