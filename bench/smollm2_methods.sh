@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The method table of bench/results/smollm2_methods (issue: the default must be the best training-free
+# compressor at every budget). Resumable: finished cells are skipped. Pass --report-only to write the
+# table from the cells finished so far. Cells can be computed by several processes at once by giving
+# each a subset of --methods/--ratios with the same --set options (a cell depends on its own method's).
+set -euo pipefail
+exec come bench --out bench/results/smollm2_methods \
+  --methods dense,come-search,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,taylor+,replaceme,replaceme-cosine:replaceme,laco \
+  --ratios 0.3,0.2,0.1 --limit 300 --ppl-max-tokens 32768 \
+  --set come-paper.allow_remerge=false \
+  --set come-paper+refit.allow_remerge=false --set come-paper+refit.refit=true \
+  --set shortgpt+refit.refit=true --set sleb.search_samples=8 \
+  --set laco.merge_size=4 --set laco.search_samples=8 \
+  --set replaceme-cosine.replaceme_objective=cosine "$@"
