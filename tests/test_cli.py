@@ -129,3 +129,23 @@ def test_model_card_carries_the_plan_picture_and_results(tiny_dir, tmp_path):
     # Not a come folder: refused before any work.
     bad = runner.invoke(app, ["eval", str(tiny_dir), "--update-card", "--tasks", "none"])
     assert bad.exit_code == 2 and "come_plan.json" in bad.output
+
+
+@pytest.mark.parametrize("kind", ["default", "builtin"])
+def test_dense_reference_of_a_built_in_model_is_found(tmp_path, monkeypatch, kind):
+    """A plan made from a built-in model (the default one too) names it, not a folder: the card's dense column
+    must come from its evaluation, not be left empty because no folder called 'smollm2-135m' exists."""
+    import come.evaluate
+    import come.models
+
+    monkeypatch.setenv("COME_CACHE", str(tmp_path))
+    monkeypatch.setattr(come.models, "_CACHE_CHOICE", {})
+    calls = []
+    monkeypatch.setattr(come.evaluate, "evaluate", lambda source, **kw: calls.append(source) or {"layers": 30})
+    plan = {"model": {"kind": kind, "builtin": "smollm2-135m", "path": str(tmp_path / "gone")}}
+    settings = {"ppl_sources": ["wikipedia"], "tasks": [], "limit": None}
+    assert come.evaluate.dense_reference(plan, settings, progress=False) == {"layers": 30}
+    assert come.evaluate.dense_reference(plan, settings, progress=False) == {"layers": 30}  # cached
+    assert calls == ["smollm2-135m"]
+    # A local source that is gone: no dense column, no error.
+    assert come.evaluate.dense_reference({"model": {"kind": "local", "path": str(tmp_path / "gone")}}, settings) is None

@@ -154,7 +154,8 @@ def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict |
 
     model = plan.get("model") or {}
     source = model.get("builtin") or (None if model.get("kind") == "default" else model.get("path"))
-    if source is not None and model.get("kind") not in ("builtin",) and not Path(source).exists():
+    # A built-in (the default one too) is always reachable: load_model rebuilds it from its package.
+    if source is not None and not model.get("builtin") and not Path(source).exists():
         return None  # the original is not here: the card shows the compressed model alone
     key = hashlib.sha256(json.dumps([source, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
     cached = cache_dir() / "evals" / f"{key}.json"
