@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ComeError
+from .scoring import layer_output
 
 # Damping grid, relative to the mean diagonal of Z^T Z; "auto" picks from it on held-out sequences.
 DAMPING_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
@@ -198,7 +199,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
         for b0, b1 in cache._batches():
             x = cache.h[k][b0:b1].to(cache.device, cache.compute_dtype)
             out = layer(x, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = layer_output(out)
             cache.count_passes(b1 - b0)
             t = teacher[b0:b1].to(cache.device, torch.float32)
             residual = out.float() - captured["added"].float()  # r: everything but the FFN's contribution
@@ -231,7 +232,7 @@ def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_in
             continue
         x = cache.h[k][b0:b1][rows].to(cache.device, cache.compute_dtype)
         out = layer(x, **kwargs)
-        out = (out[0] if isinstance(out, tuple) else out).double()
+        out = layer_output(out).double()
         t = teacher[b0:b1][rows].to(out.device, torch.float64)
         num += float((out - t).pow(2).sum())
         den += float(t.pow(2).sum())

@@ -27,28 +27,44 @@ class _StopForward(Exception):
     pass
 
 
-def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, all_layers: bool):
-    """Run the model's own forward and record what each decoder layer receives.
+def layer_output(out) -> torch.Tensor:
+    """The hidden state a decoder layer returns (some families return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
 
-    Returns (hidden state entering layer 0, [kwargs of layer l]). Taking the
-    attention mask and rotary embeddings from the model itself keeps every
-    family's quirks (sliding windows, embedding scaling) out of this code.
+
+def capture_boundaries(
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, boundaries: set[int], with_kwargs: bool = False
+) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """Run the model's own forward and record the hidden state at `boundaries`
+    (b < L: entering layer b; b = L: leaving the last layer), stopping as soon as
+    the deepest one is seen. With `with_kwargs`, also the keyword arguments of
+    every layer up to the deepest boundary (at most layer L-1).
+
+    Taking the attention mask and rotary embeddings from the model itself keeps
+    every family's quirks (sliding windows, embedding scaling) out of this code.
     """
     layers = adapter.layers(model)
-    captured: dict[int, dict] = {}
-    first_input: list[torch.Tensor] = []
-    last = len(layers) - 1 if all_layers else 0
+    n, deepest = len(layers), max(boundaries)
+    states: dict[int, torch.Tensor] = {}
+    kwargs_of: dict[int, dict] = {}
 
-    def make_hook(idx):
+    def keep(b, h):
+        states[b] = h
+        if b == deepest:
+            raise _StopForward
+
+    def pre_hook(idx):
         def hook(module, args, kwargs):
-            if idx == 0:
-                first_input.append(args[0] if args else kwargs["hidden_states"])
-            captured[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if idx == last:
-                raise _StopForward
+            if with_kwargs:
+                kwargs_of[idx] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if idx in boundaries:
+                keep(idx, args[0] if args else kwargs["hidden_states"])
         return hook
 
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooked = range(min(deepest, n - 1) + 1) if with_kwargs else [b for b in boundaries if b < n]
+    handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in hooked]
+    if n in boundaries:
+        handles.append(layers[-1].register_forward_hook(lambda m, a, out: keep(n, layer_output(out))))
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -56,7 +72,14 @@ def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.T
     finally:
         for h in handles:
             h.remove()
-    return first_input[0], [captured[i] for i in range(last + 1)]
+    return states, [kwargs_of[i] for i in sorted(kwargs_of)]
+
+
+def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, all_layers: bool):
+    """(hidden state entering layer 0, [kwargs of layer l] for every layer, or layer 0 only)."""
+    last = len(adapter.layers(model)) - 1 if all_layers else 0
+    states, kwargs = capture_boundaries(model, adapter, input_ids, {0, last}, with_kwargs=True)
+    return states[0], kwargs
 
 
 class ModelLayers:
@@ -168,7 +191,7 @@ class BoundaryCache:
     def run_layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[k]
         out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
-        return out[0] if isinstance(out, tuple) else out
+        return layer_output(out)
 
     def invalidate_from(self, start: int) -> None:
         """Layers from `start` on changed: h_{start+1}.. are recomputed when next needed."""
@@ -237,7 +260,7 @@ class BoundaryCache:
             module = self.layers[layer] if isinstance(layer, int) else layer
             for i, (b0, b1) in enumerate(batches):
                 out = module(xs[i], **kwargs)
-                xs[i] = out[0] if isinstance(out, tuple) else out
+                xs[i] = layer_output(out)
                 self.count_passes(b1 - b0)
             del module
         for (b0, b1), x in zip(batches, xs):

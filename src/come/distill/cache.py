@@ -14,43 +14,14 @@ from ..adapters import Adapter, adapter_for
 from ..errors import NonFiniteActivations
 from ..models import DTYPES
 from ..outputs import write_json_atomic
-from ..scoring import _capture_layer_inputs
-from .common import _layer_out, _span
+from ..scoring import _capture_layer_inputs, capture_boundaries, layer_output
+from .common import _span
 from .options import DistillOptions
 
 
 # -- teacher boundaries ---------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
 def _capture_boundaries(model: nn.Module, adapter: Adapter, ids: torch.Tensor, boundaries: set[int]) -> dict[int, torch.Tensor]:
-    """Hidden states at `boundaries` (b < L: input of layer b; b = L: output of the last layer),
-    from the model's own forward, stopped as soon as the deepest one is seen."""
-    layers = adapter.layers(model)
-    deepest, found = max(boundaries), {}
-
-    def keep(b, h):
-        found[b] = h
-        if b == deepest:
-            raise _Stop
-
-    hooks = [
-        layers[b].register_forward_pre_hook(lambda m, a, kw, b=b: keep(b, a[0] if a else kw["hidden_states"]), with_kwargs=True)
-        for b in boundaries
-        if b < len(layers)
-    ]
-    if len(layers) in boundaries:
-        hooks.append(layers[-1].register_forward_hook(lambda m, a, out: keep(len(layers), _layer_out(out))))
-    try:
-        model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
+    return capture_boundaries(model, adapter, ids, boundaries)[0]
 
 
 def _cache_file(cache: Path, boundary: int, chunk: int) -> Path:
@@ -98,7 +69,7 @@ def span_errors(teacher: nn.Module, student: nn.Module, plan_layers: list[dict],
         h = _capture_boundaries(teacher, adapter, tokens[b0 : b0 + batch_size].to(device), boundaries)
         for k, rec in enumerate(plan_layers):
             first, last = _span(rec)
-            y = _layer_out(adapter.layers(student)[k](h[first], **kwargs[first])).float()
+            y = layer_output(adapter.layers(student)[k](h[first], **kwargs[first])).float()
             target = h[last + 1].float()
             sums[k][0] += (y - target).pow(2).sum().item()
             sums[k][1] += target.pow(2).sum().item()

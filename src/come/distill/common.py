@@ -93,10 +93,6 @@ def _summarize(losses: list[float]) -> dict:
     return {"steps": len(losses), "initial_loss": losses[0] if losses else None, "final_loss": sum(tail) / len(tail) if tail else None}
 
 
-def _layer_out(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 # -- the job every rank runs ------------------------------------------------------
 @dataclass
 class _Job:

@@ -11,14 +11,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
 from ..outputs import write_json_atomic
-from ..scoring import _capture_layer_inputs
+from ..scoring import _capture_layer_inputs, layer_output
 from .cache import _read_chunk
 from .common import (
     _epoch_order,
     _Job,
     _kl,
     _layer_file,
-    _layer_out,
     _load_models,
     _log,
     _nmse,
@@ -84,7 +83,7 @@ def _train_layer(k, layer, kwargs, source, target, head, nsamples, job: _Job, ra
             epoch, i = divmod(m, n_chunks)  # the m-th micro-batch: a chunk of the epoch's permutation
             chunk = _epoch_order(n_chunks, o.seed, "stage1", k, epoch)[i]
             x = _read_chunk(cache, source, chunk).to(device, dtype)
-            y = _layer_out(layer(x, **kwargs))
+            y = layer_output(layer(x, **kwargs))
             t = _read_chunk(cache, target, chunk).to(device)
             if head is None:
                 loss = _nmse(y, t) if o.loss == "mse" else (1 - F.cosine_similarity(y.float(), t.float(), dim=-1)).mean()

@@ -11,13 +11,13 @@ from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
 from ..outputs import write_json_atomic
+from ..scoring import layer_output
 from .common import (
     _apply_trained,
     _epoch_order,
     _is_merged,
     _Job,
     _kl,
-    _layer_out,
     _load_models,
     _load_named,
     _log,
@@ -136,7 +136,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
     s_out, t_out = {}, {}
 
     def keep(store, key):  # assignment, so a checkpointing replay just overwrites
-        return lambda m, a, out: store.__setitem__(key, _layer_out(out))
+        return lambda m, a, out: store.__setitem__(key, layer_output(out))
 
     hooks = [adapter.layers(student)[k].register_forward_hook(keep(s_out, k)) for k, _ in pairs]
     hooks += [adapter.layers(teacher)[j].register_forward_hook(keep(t_out, j)) for j in {j for _, j in pairs}]

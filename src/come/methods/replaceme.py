@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ComeError
 from ..refit import RidgeStats, ridge_solve
+from ..scoring import layer_output
 from . import register
 
 OBJECTIVES = ("lstsq", "cosine")
@@ -48,7 +49,7 @@ def ffn_parts(cache, adapter, k: int, layer, kwargs):
     try:
         for b0, b1 in cache._batches():
             out = layer(cache.boundary(k)[b0:b1].to(cache.device, cache.compute_dtype), **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = layer_output(out)
             cache.count_passes(b1 - b0)
             yield (b0, b1), captured["m"], out - captured["m"]
     finally:
