@@ -10,10 +10,8 @@ Wikipedia split, which never overlaps the calibration split.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -95,20 +95,12 @@ def main() -> None:
             del model
             print(rows[-1], flush=True)
 
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    command = "python bench/compress_smollm2.py " + shlex.join(sys.argv[1:])
     dense_ppl = rows[0]["wiki_ppl"]
     lines = [
         "# SmolLM2-135M-Instruct: CoMe vs ShortGPT (layer removal by lowest BI)",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"date {time.strftime('%Y-%m-%d')}.  ",
+        f"Command: `{_results.command_line()}`  ",
+        f"Machine: {_results.machine()}.  ",
         f"Calibration: {args.nsamples} x {args.seqlen} tokens of the Wikipedia calibration split (seed 0). "
         f"Perplexity: {tokens.numel()} tokens of the held-out Wikipedia split, windows of {args.seqlen}. "
         f"Dense model: {dense_params:,} parameters.",
@@ -121,8 +113,7 @@ def main() -> None:
             f"| {r['method']} | {r['ratio']} | {r['layers']} | {r['removed_params']:.1%} | {r['wall_s']} | "
             f"{r['peak_rss_mib']} | {r['wiki_ppl']:.2f} | {r['wiki_ppl'] / dense_ppl:.2f}x |"
         )
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _results.write(args.results, lines, rows=rows)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ change in machine load hits both; reports wall seconds, decoder-layer passes and
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,13 +46,11 @@ def main() -> None:
             print(f"{name}: {seconds:.1f} s, {result.plan['execution']['layer_passes']} layer passes", flush=True)
     best = {name: min(r["seconds"] for r in rs) for name, rs in rows.items()}
     ratio = best["come-search (default)"] / best["come (paper)"]
-    command = "python bench/cost_smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
         "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"date {time.strftime('%Y-%m-%d')}. Calibration: 32 x 512 Wikipedia tokens (seed 0), ratio {args.ratio}.",
+        f"Command: `{_results.command_line()}`  ",
+        f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: 32 x 512 Wikipedia tokens (seed 0), ratio {args.ratio}.",
         "",
         "| method | layers | best wall s | decoder-layer passes (whole-set equivalents) |",
         "|---|---|---|---|",
@@ -62,11 +58,7 @@ def main() -> None:
     for name, rs in rows.items():
         lines.append(f"| {name} | {rs[0]['final_layers']} | {best[name]:.1f} | {rs[0]['layer_passes']} |")
     lines += ["", f"Time ratio (default / paper): **{ratio:.2f}x**."]
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=1))
-    print("\n".join(lines))
+    _results.write(args.results, lines, data={"rows": rows, "ratio": ratio})
 
 
 if __name__ == "__main__":

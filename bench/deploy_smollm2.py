@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "The capital of France is"
@@ -120,14 +119,13 @@ def main() -> None:
                                                      None)
             print(f"{name}: transformers {rows[name]['hf_tokens_per_s']:.1f} tok/s", flush=True)
 
-    command = "python bench/deploy_smollm2.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _results.command_line()
     mib = 1024 * 1024
     lines = [
         "# Deployment cost: dense vs compressed SmolLM2-135M (sizes, decode speed; one run)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {threads} threads, torch {torch.__version__}, "
-        f"llama-cpp-python {llama_version or 'not installed'}, date {time.strftime('%Y-%m-%d')}.  ",
+        f"Machine: {_results.machine(threads, llama_cpp_python=llama_version or 'not installed')}.  ",
         f"Decode: greedy, batch 1, prompt {PROMPT!r}, {args.new_tokens} new tokens, best of {args.repeats} "
         "(dense and compressed alternate). transformers runs float32 safetensors.",
         "",
@@ -145,11 +143,7 @@ def main() -> None:
                      f"{row['hf_tokens_per_s']:.1f} | {cpp} |")
     lines += ["", "`(differs at token i)`: llama.cpp's greedy tokens differ from transformers' from position i "
               "(expected for quantised types; f16 should match)."]
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    results.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    _results.write(args.results, lines, data={"command": command, "rows": rows})
 
 
 if __name__ == "__main__":

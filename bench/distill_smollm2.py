@@ -10,16 +10,12 @@ after stage 1 and after stage 2, next to the dense model.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+
+import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,18 +85,12 @@ def main() -> None:
                      global_steps=args.global_steps, batch_size=args.global_batch, overwrite=True)
         rows.append(measure(stage2, method, "stage 1 + 2", s2["stage2"]["tokens"], time.perf_counter() - start))
 
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     dense_acc = rows[0]["avg_acc"]
     lines = [
         "# SmolLM2-135M-Instruct: hierarchical distillation after compression",
         "",
-        f"Command: `python bench/distill_smollm2.py {shlex.join(sys.argv[1:])}`  ",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.  ",
+        f"Command: `{_results.command_line()}`  ",
+        f"Machine: {_results.machine()}.  ",
         f"Perplexity: first {args.ppl_tokens} tokens of each held-out source, windows of {args.seqlen}. "
         f"Zero-shot: 7 tasks, first {args.limit} documents each (acc_norm for ARC-c, HellaSwag, OBQA; acc otherwise). "
         f"Stage 1: `--loss {args.loss}`, {args.tokens} tokens per trained layer from the Wikipedia calibration split. "
@@ -114,8 +104,7 @@ def main() -> None:
             f"| {r['method']} | {r['stage']} | {r['layers']} | {r['tokens']} | {r['wall_s']} | {r['ppl_wikipedia']:.2f} | "
             f"{r['ppl_lambada']:.2f} | {r['avg_acc']:.4f} | {r['avg_acc'] / dense_acc:.1%} |"
         )
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _results.write(args.results, lines, rows=rows)
 
 
 if __name__ == "__main__":

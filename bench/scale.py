@@ -22,7 +22,6 @@ Results: <results>.md and <results>.csv, with the command that made them.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -278,19 +279,13 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
 
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    with open(results.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
     by = {r["run"]: r for r in rows}
     inc, full = by["layerwise"], by["layerwise, no boundary caching"]
     lines = [
         "# Layer-wise vs in-memory compression",
         "",
-        f"Command: `{shlex.join([sys.executable.split('/')[-1], *sys.argv])}`",
+        f"Command: `{_results.command_line()}`",
         "",
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "") + f", device {args.device}.",
@@ -320,8 +315,7 @@ def main() -> None:
                      f"layer-wise exit {by['layerwise, capped']['exit']}, in-memory exit {by['in-memory, capped']['exit']}.")
     elif cap_note:
         lines.append(f"- (c) {cap_note}.")
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _results.write(args.results, lines, rows=rows)
 
 
 if __name__ == "__main__":

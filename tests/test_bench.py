@@ -69,3 +69,23 @@ def test_bench_distilled_cells_reuse_the_compressed_model(tiny_dir, tmp_path):  
     assert not (out / "models").exists() or not any((out / "models").iterdir())
     bad = runner.invoke(app, [*args[:-1], "--distill", "laco"])
     assert bad.exit_code == 2 and "not in --methods" in bad.output
+
+
+def test_bench_scripts_write_their_results_with_the_command_that_made_them(tmp_path, monkeypatch):
+    """bench/_results.py: the one writer behind every bench script's Markdown/CSV/JSON."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_results", Path(__file__).parents[1] / "bench" / "_results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bench/cost_smollm2.py", "--ratio", "0.3", "--note", "two words"])
+    assert results.command_line() == "python bench/cost_smollm2.py --ratio 0.3 --note 'two words'"
+    assert "torch" in results.machine() and "4 threads" in results.machine(4, llama_cpp_python="0.3")
+    out = tmp_path / "deep" / "cost"
+    results.write(out, ["# t", "| a |"], rows=[{"a": 1, "b": 2}], data={"ratio": 2.5})
+    assert (tmp_path / "deep" / "cost.md").read_text() == "# t\n| a |\n"
+    assert (tmp_path / "deep" / "cost.csv").read_text().splitlines() == ["a,b", "1,2"]
+    assert json.loads((tmp_path / "deep" / "cost.json").read_text()) == {"ratio": 2.5}
