@@ -3,6 +3,8 @@
 # compressor at every budget). Resumable: finished cells are skipped. Pass --report-only to write the
 # table from the cells finished so far. Cells can be computed by several processes at once by giving
 # each a subset of --methods/--ratios with the same --set options (a cell depends on its own method's).
+# Distilled cells (LABEL+distill) train the compressed model with the budget of
+# recipes/smollm2-come-0.3.yaml: 131,072 tokens per merged layer, then 16 end-to-end steps of 4 x 512.
 set -euo pipefail
 exec come bench --out bench/results/smollm2_methods \
   --methods dense,come-search,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,taylor+,replaceme,replaceme-cosine:replaceme,laco \
@@ -11,4 +13,6 @@ exec come bench --out bench/results/smollm2_methods \
   --set come-paper+refit.allow_remerge=false --set come-paper+refit.refit=true \
   --set shortgpt+refit.refit=true --set sleb.search_samples=8 \
   --set laco.merge_size=4 --set laco.search_samples=8 \
-  --set replaceme-cosine.replaceme_objective=cosine "$@"
+  --set replaceme-cosine.replaceme_objective=cosine \
+  --distill come-search,come-paper,shortgpt \
+  --distill-set tokens=131072 --distill-set global_steps=16 --distill-set batch_size=4 "$@"
