@@ -13,9 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 import _results  # bench/ is on sys.path when a bench script runs
+import torch
 
 HERE = Path(__file__).resolve().parent
 

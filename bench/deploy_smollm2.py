@@ -18,9 +18,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 import _results  # bench/ is on sys.path when a bench script runs
+import torch
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "The capital of France is"

@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import _results  # bench/ is on sys.path when a bench script runs
 
 HERE = Path(__file__).resolve().parent

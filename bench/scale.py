@@ -33,9 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import _results  # bench/ is on sys.path when a bench script runs
+import torch
 
 HERE = Path(__file__).resolve().parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -32,6 +32,7 @@ def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+@torch.no_grad()
 def capture_boundaries(
     model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, boundaries: set[int], with_kwargs: bool = False
 ) -> tuple[dict[int, torch.Tensor], list[dict]]:
