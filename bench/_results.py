@@ -18,8 +18,7 @@ from pathlib import Path
 
 def command_line() -> str:
     """The command that reproduces this run, as typed from the repository root."""
-    script = Path(sys.argv[0])
-    script = script.resolve()
+    script = Path(sys.argv[0]).resolve()
     shown = f"bench/{script.name}" if script.parent.name == "bench" else str(script)
     return shlex.join(["python", shown, *sys.argv[1:]])
 

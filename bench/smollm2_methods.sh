@@ -5,8 +5,8 @@
 # each a subset of --methods/--ratios with the same --set options (a cell depends on its own method's).
 # Ablations of the default: come-search-norefit (no output refit), come-search-wide (every layer a
 # deletion candidate, as in SLEB, and 8 scored sequences). Distilled cells (LABEL+distill) train the
-# compressed model with the budget of
-# recipes/smollm2-come-0.3.yaml: 131,072 tokens per merged layer, then 16 end-to-end steps of 4 x 512.
+# compressed model with the budget of recipes/smollm2-come-0.3.yaml: 131,072 tokens per merged layer,
+# then 16 end-to-end steps of 4 x 512.
 set -euo pipefail
 exec come bench --out bench/results/smollm2_methods \
   --methods dense,come-search,come-search-norefit:come-search,come-search-wide:come-search,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,taylor+,replaceme,replaceme-cosine:replaceme,laco \

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..adapters import Adapter, adapter_for
+from ..adapters import adapter_for
 from ..errors import NonFiniteActivations
 from ..models import DTYPES
 from ..outputs import write_json_atomic
@@ -20,10 +20,6 @@ from .options import DistillOptions
 
 
 # -- teacher boundaries ---------------------------------------------------------
-def _capture_boundaries(model: nn.Module, adapter: Adapter, ids: torch.Tensor, boundaries: set[int]) -> dict[int, torch.Tensor]:
-    return capture_boundaries(model, adapter, ids, boundaries)[0]
-
-
 def _cache_file(cache: Path, boundary: int, chunk: int) -> Path:
     return cache / f"b{boundary:03d}_c{chunk:05d}.safetensors"
 
@@ -40,7 +36,7 @@ def _build_cache(teacher, adapter, tokens: torch.Tensor, boundaries: set[int], o
     device, dtype = next(teacher.parameters()).device, DTYPES[o.cache_dtype]
     starts = range(0, tokens.shape[0], o.batch_size)
     for c, b0 in enumerate(tqdm(starts, desc="teacher cache", unit="chunk", disable=not o.progress, leave=False)):
-        states = _capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
+        states, _ = capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
         for b, h in states.items():
             if not torch.isfinite(h).all():
                 raise NonFiniteActivations(f"the teacher has non-finite hidden states (NaN/Inf) at layer boundary {b}; try --dtype float32")
@@ -66,7 +62,7 @@ def span_errors(teacher: nn.Module, student: nn.Module, plan_layers: list[dict],
     boundaries = {b for rec in plan_layers for b in (_span(rec)[0], _span(rec)[1] + 1)}
     sums: dict[int, list[float]] = {k: [0.0, 0.0] for k in range(len(plan_layers))}
     for b0 in range(0, tokens.shape[0], batch_size):
-        h = _capture_boundaries(teacher, adapter, tokens[b0 : b0 + batch_size].to(device), boundaries)
+        h, _ = capture_boundaries(teacher, adapter, tokens[b0 : b0 + batch_size].to(device), boundaries)
         for k, rec in enumerate(plan_layers):
             first, last = _span(rec)
             y = layer_output(adapter.layers(student)[k](h[first], **kwargs[first])).float()
