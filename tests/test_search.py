@@ -114,3 +114,36 @@ def test_reusing_candidates_between_steps_changes_nothing(refit, monkeypatch):
     assert reused.plan["steps"] == fresh.plan["steps"] and reused.plan["layers"] == fresh.plan["layers"]
     a, b = reused.model.state_dict(), fresh.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rank", ["error", "bi"])
+def test_deletion_candidates_are_the_layers_of_lowest_skip_error_or_bi(rank):
+    model = tiny_model("llama", seed=13, num_hidden_layers=8)  # a model where the two rankings differ
+    # The original model's boundaries h_0..h_L (h_L before the final norm), from hooks on the layers.
+    hidden = []
+    layers = list(adapter_for(model.config).layers(model))
+    hooks = [layer.register_forward_hook(lambda mod, args, out: hidden.append(out[0] if isinstance(out, tuple) else out))
+             for layer in layers]
+    hooks.append(layers[0].register_forward_pre_hook(lambda mod, args, kwargs: hidden.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True))
+    model(input_ids=TOKENS, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    h = hidden  # layer 0's input (its pre-hook fires first), then every layer's output
+    expected = [float((h[k].double() - h[k + 1].double()).pow(2).sum() / h[k + 1].double().pow(2).sum()) for k in range(8)]
+
+    result = _search(model, 7, refit=False, search_samples=SAMPLES, search_deletions=2, search_deletion_rank=rank)
+    step = result.plan["steps"][0]
+    assert step["skip_error"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    score = step["skip_error"] if rank == "error" else step["bi"]
+    eligible = range(1, 8)  # protect_first=1 by default
+    lowest = sorted(eligible, key=lambda k: (score[k], k))[:2]
+    assert sorted(lowest) == ([6, 7] if rank == "error" else [5, 6])
+    assert [c["layer"] for c in step["candidates"] if c["op"] == "delete"] == lowest
+
+
+def test_an_unknown_deletion_rank_is_an_error():
+    from come.errors import InvalidTarget
+
+    with pytest.raises(InvalidTarget, match="search-deletion-rank must be one of error | bi"):
+        _search(tiny_model("llama", seed=11), 5, search_deletion_rank="loss")

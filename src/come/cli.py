@@ -117,6 +117,7 @@ def compress(
     refit_damping: str = typer.Option(default("refit_damping"), help=help_text("refit_damping")),
     search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
     search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
+    search_deletion_rank: str = typer.Option(default("search_deletion_rank"), help=help_text("search_deletion_rank")),
     search_ratios: str = typer.Option(
         ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
         show_default=False,
@@ -177,6 +178,7 @@ def compress(
             refit_damping=refit_damping,
             search_windows=search_windows,
             search_deletions=search_deletions,
+            search_deletion_rank=search_deletion_rank,
             search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
             replaceme_objective=replaceme_objective,
             replaceme_blocks=replaceme_blocks,

@@ -10,7 +10,7 @@ heavy, so `come --help` stays fast.
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 
 def _opt(default, help: str, **cli):
@@ -52,7 +52,10 @@ class CompressionOptions:
     refit_damping: str | float = _opt("auto", "Refit damping relative to the mean diagonal of Z^T Z, or auto "
                                               "(chosen per layer on held-out calibration sequences).")
     search_windows: int = _opt(3, "come-search: merge candidates (most redundant windows) per step.", min=0)
-    search_deletions: int = _opt(3, "come-search: deletion candidates (lowest-BI layers) per step.", min=0)
+    search_deletions: int = _opt(4, "come-search: deletion candidates per step (see --search-deletion-rank).", min=0)
+    search_deletion_rank: Literal["error", "bi"] = _opt(
+        "error", "come-search: rank deletion candidates by skip error (distance to the original model at the end "
+                 "of the layer's span if it is skipped) or by block influence (bi).")
     search_ratios: tuple[float, ...] = _opt((), "come-search: first-layer channel shares tried besides the BI ratio "
                                                 "(none by default: measured no better, at 1.8x the time).")
     replaceme_objective: Literal["lstsq", "cosine"] = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
@@ -80,4 +83,9 @@ def resolve_options(method_defaults: dict, options: dict) -> CompressionOptions:
     if unknown:
         raise InvalidTarget(f"unknown compression option(s): {', '.join(unknown)}")
     given = {k: v for k, v in options.items() if v is not None}
+    hints = get_type_hints(CompressionOptions)
+    for name, value in given.items():
+        if get_origin(hints[name]) is Literal and value not in get_args(hints[name]):
+            choices = " | ".join(get_args(hints[name]))
+            raise InvalidTarget(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
     return CompressionOptions(**{**method_defaults, **given})

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .activations import BoundaryStore
 from .adapters import Adapter
-from .errors import NonFiniteActivations
+from .errors import ComeError, NonFiniteActivations
 
 
 class _StopForward(Exception):
@@ -297,6 +297,21 @@ class BoundaryCache:
                 total += (1 - cos.clamp(0, 1)).double().sum().item()
             scores.append(total / (self.tokens.numel()))
         return torch.tensor(scores, dtype=torch.float64)
+
+    def skip_error(self, k: int, target_index: int) -> float:
+        """sum ||h_k - T||^2 / sum ||T||^2, T the original model's boundary `target_index`: how far the
+        current model is from the original at the end of layer k's span if layer k is skipped (the
+        owner of its span then outputs h_k). Computed from the cache alone, no layer pass."""
+        self.boundary(k)
+        if self.teacher is None:
+            raise ComeError("skip_error needs the original model's boundaries (the cache was built after a change)")
+        num = den = 0.0
+        teacher = self.teacher[target_index]
+        for b0, b1 in self._batches():
+            t = teacher[b0:b1].double()
+            num += float((self.h[k][b0:b1].double() - t).pow(2).sum())
+            den += float(t.pow(2).sum())
+        return num / max(den, 1e-30)
 
     def window_distance(self, size: int, all_tokens: bool = False) -> torch.Tensor:
         """SBI_i = arccos(clamp(cos(h_i, h_{i+size}), -1, 1)) / pi for every window start i."""
