@@ -198,7 +198,8 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     "come-search",
     "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
     layerwise=True,
-    # 4 scored sequences: 2.4x paper CoMe's time at 30% on SmolLM2 (8: 3.2x, perplexity 78 instead of 81).
+    # 4 scored sequences and 3 + 4 candidates: 2.74x paper CoMe's time at 30% on SmolLM2
+    # (bench/results/cost_smollm2.md); 8 sequences measured 3.2x for perplexity 78 instead of 81.
     defaults={"refit": True, "allow_remerge": True, "search_samples": 4, "protect_first": 1},
 )
 def run(ctx, target_layers: int) -> None:
