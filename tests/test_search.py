@@ -147,3 +147,29 @@ def test_an_unknown_deletion_rank_is_an_error():
 
     with pytest.raises(InvalidTarget, match="search-deletion-rank must be one of error | bi"):
         _search(tiny_model("llama", seed=11), 5, search_deletion_rank="loss")
+
+
+def test_a_candidate_whose_model_diverges_is_never_chosen_and_the_plan_stays_strict_json(monkeypatch):
+    """A deletion that overflows (seen on Gemma-3-270M) gives a NaN loss; min() over a list starting
+    with NaN would pick it. It scores +inf instead and the plan records null."""
+    import json
+    import math
+
+    from come.outputs import json_text
+    from come.scoring import BoundaryCache
+
+    original, calls = BoundaryCache.run_through, []
+
+    def run_through(self, start, stack, samples=None):
+        calls.append(start)
+        for rows, x in original(self, start, stack, samples):
+            yield rows, (x * float("nan") if len(calls) == 1 else x)
+
+    monkeypatch.setattr(BoundaryCache, "run_through", run_through)
+    result = _search(tiny_model("llama", seed=8), 5, refit=False, search_samples=SAMPLES)
+    step = result.plan["steps"][0]
+    assert step["candidates"][0]["loss"] == math.inf
+    assert step["chosen"] is not step["candidates"][0] and math.isfinite(step["chosen"]["loss"])
+    text = json_text(result.plan)
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["steps"][0]["candidates"][0]["loss"] is None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .models import count_parameters
-from .outputs import atomic_folder
+from .outputs import atomic_folder, json_text
 
 PLAN_FILE = "come_plan.json"
 
@@ -88,7 +88,7 @@ def write_metadata(folder: Path, tokenizer, plan: dict) -> None:
     """Tokenizer, plan and model card: everything but the weights and config."""
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+    (folder / PLAN_FILE).write_text(json_text(plan))
     from .card import write_card
 
     write_card(folder, plan)

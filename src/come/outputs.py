@@ -15,6 +15,7 @@ the cache) goes through here, so the same rules hold everywhere:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -140,12 +141,27 @@ def prepare_output(out: str | Path, overwrite: bool, sources: list | None = None
 
 
 # -- writing ------------------------------------------------------------------------
+def json_safe(obj):
+    """`obj` with every non-finite float (a candidate whose model diverged) as None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj) -> str:
+    return json.dumps(json_safe(obj), indent=1, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(json_text(obj))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -280,7 +280,9 @@ class BoundaryCache:
                     logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
                 ).item()
                 count += labels.numel()
-        return total / count
+        # A stack whose output overflows (NaN/Inf) scores +inf, so no search prefers it to a finite one
+        # (min() over a list holding NaN depends on its position); plans record it as null.
+        return total / count if math.isfinite(total) else math.inf
 
     # -- scores ---------------------------------------------------------------
     def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
