@@ -192,3 +192,21 @@ def test_replaceme_removes_the_closest_block_and_fits_it(objective):
 
 def test_block_sizes():
     assert block_sizes(7, 1) == [7] and block_sizes(7, 3) == [3, 2, 2] and block_sizes(2, 5) == [1, 1]
+
+
+@torch.no_grad()
+def test_a_zero_gain_post_norm_channel_keeps_its_weights_and_the_refit_stays_finite():
+    """Gemma-3-270M has post-FFN norm channels of gain exactly 0 (weight -1 with the 1 + w gain):
+    the linearised target divided by the gain was NaN, and so was every refitted deletion."""
+    model = tiny_model("gemma3", seed=3)
+    adapter = adapter_for(model.config)
+    norm = adapter.ffn_output(adapter.layers(model)[1])
+    norm.weight[5] = -adapter.norm_offset  # gain 0 on channel 5
+    ctx = _context_after_removal(model, [2])  # layer 1 now stands for original layers 1-2
+    w0 = adapter.down_proj(ctx.layers[1]).weight.clone()
+    refitted, record = _refit(ctx, 1, 0.05)
+    assert all(torch.isfinite(torch.tensor(v)) for v in (*record["error_before"].values(), *record["error_after"].values()))
+    assert record["applied"] and record["error_after"]["calibration"] < record["error_before"]["calibration"]
+    w = adapter.down_proj(refitted).weight
+    assert torch.isfinite(w).all() and not torch.equal(w, w0)
+    torch.testing.assert_close(w[5], w0[5], rtol=1e-5, atol=1e-7)  # the ridge pull toward W0 is all it has

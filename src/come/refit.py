@@ -195,6 +195,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
     fit = RidgeStats.zeros(d_in, d_out, cache.device)
     held = RidgeStats.zeros(d_in, d_out, cache.device)
     teacher = cache.teacher[target_index]
+    gain = (adapter.norm_offset + added.weight.float()) if normed else None
     try:
         for b0, b1 in cache._batches():
             x = cache.h[k][b0:b1].to(cache.device, cache.compute_dtype)
@@ -207,7 +208,10 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
             if normed:  # g * (z W^T) / rho = y  <=>  z W^T = y * rho / g, rho frozen
                 m = captured["m"].float()
                 rho = m.pow(2).mean(-1, keepdim=True).add(added.eps).sqrt()
-                y = y * rho / (adapter.norm_offset + added.weight.float())
+                # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its
+                # target is its current value, so its row of W stays W0 instead of dividing by 0.
+                dead = gain.abs() <= 1e-6 * gain.abs().max()
+                y = torch.where(dead, m, y * rho / torch.where(dead, torch.ones_like(gain), gain))
             elif down.bias is not None:
                 y = y - down.bias.float()
             z = captured["z"]
@@ -247,6 +251,10 @@ def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int
         raise ComeError("refit needs the original model's boundaries (the cache was built after a change)")
     fit, held = collect_stats(cache, k, layer, kwargs, target_index, adapter)
     down = adapter.down_proj(layer)
+    if not all(torch.isfinite(t).all() for t in (fit.xtx, fit.xty, held.xtx, held.xty)):
+        # The layer's own output overflows on these inputs: nothing to fit, keep it as it is.
+        return layer, {"target": "down_proj", "applied": False, "note": "non-finite activations: not refitted",
+                       "error_before": {"calibration": float("nan")}, "error_after": {"calibration": float("nan")}}
     result = choose_and_solve(fit, held, down.weight.detach(), parse_damping(damping))
     new_layer = copy.deepcopy(layer)
     new_down = adapter.down_proj(new_layer)
