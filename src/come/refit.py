@@ -195,7 +195,12 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
     fit = RidgeStats.zeros(d_in, d_out, cache.device)
     held = RidgeStats.zeros(d_in, d_out, cache.device)
     teacher = cache.teacher[target_index]
-    gain = (adapter.norm_offset + added.weight.float()) if normed else None
+    if normed:
+        # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its target is its
+        # current value, so its row of W stays W0 instead of dividing by 0.
+        gain = adapter.norm_offset + added.weight.float()
+        dead = gain.abs() <= 1e-6 * gain.abs().max()
+        safe_gain = torch.where(dead, torch.ones_like(gain), gain)
     try:
         for b0, b1 in cache._batches():
             x = cache.h[k][b0:b1].to(cache.device, cache.compute_dtype)
@@ -208,10 +213,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
             if normed:  # g * (z W^T) / rho = y  <=>  z W^T = y * rho / g, rho frozen
                 m = captured["m"].float()
                 rho = m.pow(2).mean(-1, keepdim=True).add(added.eps).sqrt()
-                # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its
-                # target is its current value, so its row of W stays W0 instead of dividing by 0.
-                dead = gain.abs() <= 1e-6 * gain.abs().max()
-                y = torch.where(dead, m, y * rho / torch.where(dead, torch.ones_like(gain), gain))
+                y = torch.where(dead, m, y * rho / safe_gain)
             elif down.bias is not None:
                 y = y - down.bias.float()
             z = captured["z"]
