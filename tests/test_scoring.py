@@ -73,3 +73,25 @@ def test_loss_through_current_stack_is_the_model_loss():
     # A subset of samples is the loss on those samples.
     sub = model(tokens[:4], labels=tokens[:4]).loss.item()
     assert cache.loss_through(0, cache.current_stack(0), samples=4) == pytest.approx(sub, rel=1e-5)
+
+
+@torch.no_grad()
+def test_kl_loss_is_the_divergence_from_the_original_model():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False, loss_kind="kl")
+    # The unchanged model is at divergence zero, from any position.
+    for start in (0, 3):
+        assert cache.loss_through(start, cache.current_stack(start)) == pytest.approx(0.0, abs=1e-6)
+    # Skipping layer 2: the mean over predicted positions of KL(original || skipped), computed directly.
+    original = torch.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != 2])
+    skipped = torch.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+    model.model.layers = layers
+    expected = (original.exp() * (original - skipped)).sum(-1).mean().item()
+    assert expected > 1e-4
+    assert cache.loss_through(2, cache.current_stack(3)) == pytest.approx(expected, rel=1e-4)
+    # The cross-entropy of the same skip is a different number (the option is not ignored).
+    cache.loss_kind = "ce"
+    assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-2)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import pytest
+import torch
 
 from come import tasks as come_tasks
 
@@ -150,3 +152,40 @@ def test_zero_shot_is_deterministic(two_runs):
 def test_offline_rejects_tasks_without_offline_copy(tiny_llama, smollm2_tokenizer):
     with pytest.raises(ValueError, match="no offline copy"):
         come_tasks.zero_shot(tiny_llama, smollm2_tokenizer, tasks=["mmlu"], limit=1)
+
+
+def test_head_on_continuations_only_gives_hflm_loglikelihoods(tiny_llama, smollm2_tokenizer):
+    from lm_eval.models.huggingface import HFLM
+
+    from come.tasks.scoring_lm import continuation_lm_class
+
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for i in range(11):  # mixed lengths in a batch; some continuations end in token 0 (the pad id)
+        ctx = torch.randint(1, 49152, (5 + 3 * i,), generator=gen).tolist()
+        cont = torch.randint(1, 49152, (1 + i % 4,), generator=gen).tolist()
+        if i % 3 == 0:
+            cont[-1] = 0
+        requests.append(((f"c{i}", f"x{i}"), ctx, cont))
+    reference = HFLM(pretrained=tiny_llama, tokenizer=smollm2_tokenizer, batch_size=4)
+    fast = continuation_lm_class()(pretrained=tiny_llama, tokenizer=smollm2_tokenizer, batch_size=4)
+    widths = []
+    call = tiny_llama.forward
+
+    @functools.wraps(call)
+    def spy(*args, **kwargs):
+        out = call(*args, **kwargs)
+        widths.append((args[0].shape[1], out.logits.shape[1]))
+        return out
+
+    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    tiny_llama.forward = spy
+    try:
+        got = fast._loglikelihood_tokens(requests, disable_tqdm=True)
+    finally:
+        del tiny_llama.forward
+    assert len(got) == len(expected) == len(requests)
+    for (lp, greedy), (lp_ref, greedy_ref) in zip(got, expected):
+        assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref
+    # The head ran on fewer positions than the batch held.
+    assert widths and all(kept < width for width, kept in widths)

@@ -46,6 +46,10 @@ class CompressionOptions:
                                   "laco: similarity thresholds tried from high to low.")
     laco_interval: int = _opt(2, "laco: step down after an accepted merge.", min=1)
     laco_min_layer: int = _opt(1, "laco: lowest layer a merge may start at.", min=0)
+    search_loss: Literal["ce", "kl"] = _opt(
+        "ce", "Score of a candidate in loss-guided searches (come-search, sleb, come-p): ce (next-token "
+              "cross-entropy on the calibration text) | kl (divergence from the original model's next-token "
+              "distribution). Default: the method's.")
     refit: bool = _opt(False, "After every merge or removal, refit the new layer's down_proj (ridge least squares) to "
                               "reproduce the original model over the span it replaces. Default: the method's "
                               "(come-search: on; others: off).")

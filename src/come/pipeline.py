@@ -105,6 +105,7 @@ class CompressionContext:
                 storage_dtype=parse_dtype(self.options.activation_dtype),
                 layers=self.layers,
                 store=self.store,
+                loss_kind=self.options.search_loss,
             )
         return self._cache
 

@@ -194,7 +194,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
     d_in, d_out = down.weight.shape[1], down.weight.shape[0]
     fit = RidgeStats.zeros(d_in, d_out, cache.device)
     held = RidgeStats.zeros(d_in, d_out, cache.device)
-    teacher = cache.teacher[target_index]
+    teacher = cache.teacher_boundary(target_index)
     if normed:
         # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its target is its
         # current value, so its row of W stays W0 instead of dividing by 0.
@@ -231,7 +231,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
 @torch.no_grad()
 def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int) -> float:
     """Relative error of `layer`'s real output against the teacher on the held-out sequences."""
-    teacher, num, den = cache.teacher[target_index], 0.0, 0.0
+    teacher, num, den = cache.teacher_boundary(target_index), 0.0, 0.0
     for b0, b1 in cache._batches():
         rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
         if not rows:
@@ -249,8 +249,6 @@ def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_in
 def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int, adapter, damping) -> tuple[nn.Module, dict]:
     """A copy of `layer` (standing at position k) whose down_proj is refitted to the teacher's boundary
     `target_index`; the record holds the chosen damping and the relative fit errors before and after."""
-    if cache.teacher is None:
-        raise ComeError("refit needs the original model's boundaries (the cache was built after a change)")
     fit, held = collect_stats(cache, k, layer, kwargs, target_index, adapter)
     down = adapter.down_proj(layer)
     if not all(torch.isfinite(t).all() for t in (fit.xtx, fit.xty, held.xtx, held.xty)):

@@ -146,6 +146,7 @@ class BoundaryCache:
         layer_name: Callable[[int], str] | None = None,
         layers: ModelLayers | None = None,
         store: BoundaryStore | None = None,
+        loss_kind: str = "ce",
     ):
         self.model = model
         self.adapter = adapter
@@ -178,6 +179,8 @@ class BoundaryCache:
         # The original model's boundaries: targets of the output refit. Later recomputations make
         # new tensors (or files), so holding these references keeps them as they are now.
         self.teacher: list | None = list(self.h)
+        self.num_layers_original = self.num_layers
+        self.loss_kind = loss_kind
 
     # -- execution ----------------------------------------------------------
     @property
@@ -269,20 +272,38 @@ class BoundaryCache:
 
     @torch.no_grad()
     def loss_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None) -> float:
-        """Mean next-token cross-entropy of the calibration set with h_start fed through `stack`,
-        then the final norm and LM head: the model's loss if `stack` replaced layers start..L-1."""
+        """The calibration loss of the model with `stack` in place of layers start..L-1 (h_start fed
+        through it, then the final norm and LM head), per token, by `self.loss_kind`:
+
+        - "ce": next-token cross-entropy on the calibration text;
+        - "kl": KL(original || model) of the next-token distributions, the original's read from its
+          cached last boundary. Every vocabulary entry informs it, not only the one token that came
+          next, so a few sequences rank candidates with less sampling noise.
+        """
         total, count = 0.0, 0
+        kl = self.loss_kind == "kl"
+        teacher = self.teacher_boundary(self.num_layers_original) if kl else None
         with self.layers.head() as (norm, head):
             for rows, x in self.run_through(start, stack, samples):
-                logits = head(norm(x))[:, :-1].float()
-                labels = self.tokens[rows, 1:].to(logits.device)
-                total += torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-                ).item()
-                count += labels.numel()
+                logp = torch.log_softmax(head(norm(x))[:, :-1].float(), dim=-1)
+                if kl:
+                    t = teacher[rows].to(self.device, self.compute_dtype)
+                    logq = torch.log_softmax(head(norm(t))[:, :-1].float(), dim=-1)
+                    total += float((logq.exp() * (logq - logp)).sum())
+                    count += logq.shape[0] * logq.shape[1]
+                else:
+                    labels = self.tokens[rows, 1:].to(logp.device)
+                    total -= float(logp.gather(-1, labels.unsqueeze(-1)).sum())
+                    count += labels.numel()
         # A stack whose output overflows (NaN/Inf) scores +inf, so no search prefers it to a finite one
         # (min() over a list holding NaN depends on its position); plans record it as null.
         return total / count if math.isfinite(total) else math.inf
+
+    def teacher_boundary(self, index: int):
+        """The original model's boundary h_index (as cached before any change): refit and skip-error targets."""
+        if self.teacher is None or index >= len(self.teacher):
+            raise ComeError(f"no original-model boundary {index}: the cache was built after the model changed")
+        return self.teacher[index]
 
     # -- scores ---------------------------------------------------------------
     def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -305,10 +326,8 @@ class BoundaryCache:
         current model is from the original at the end of layer k's span if layer k is skipped (the
         owner of its span then outputs h_k). Computed from the cache alone, no layer pass."""
         self.boundary(k)
-        if self.teacher is None:
-            raise ComeError("skip_error needs the original model's boundaries (the cache was built after a change)")
         num = den = 0.0
-        teacher = self.teacher[target_index]
+        teacher = self.teacher_boundary(target_index)
         for b0, b1 in self._batches():
             t = teacher[b0:b1].double()
             num += float((self.h[k][b0:b1].double() - t).pow(2).sum())

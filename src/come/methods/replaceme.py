@@ -62,7 +62,7 @@ def fit_transform(ctx, owner: int, target_index: int) -> tuple[torch.Tensor, dic
     if opts.replaceme_objective not in OBJECTIVES:
         raise ComeError(f"replaceme objective must be one of {', '.join(OBJECTIVES)}, got {opts.replaceme_objective!r}")
     layer, kwargs = ctx.layers[owner], cache.layer_kwargs[owner]
-    teacher = cache.teacher[target_index]
+    teacher = cache.teacher_boundary(target_index)
     d = ctx.config.hidden_size
     stats = RidgeStats.zeros(d, d, cache.device)
     keep = opts.replaceme_objective == "cosine"

@@ -284,8 +284,9 @@ def zero_shot(
     (first N of the split, as lm-eval's --limit).
     """
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from .scoring_lm import continuation_lm_class
 
     tasks = list(tasks)
     if offline:
@@ -298,7 +299,8 @@ def zero_shot(
         manager = TaskManager()
         harness_names = {task: task for task in tasks}
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # HFLM, with the LM head computed only where continuations are scored (same numbers, less work).
+    lm = continuation_lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     # lm-eval records `git describe` of the working folder and lets git print "fatal: not a git
     # repository" outside one; ask git quietly instead.
     with mock.patch("lm_eval.evaluator.get_git_commit_hash", _quiet_git_hash):
