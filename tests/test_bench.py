@@ -89,3 +89,36 @@ def test_bench_scripts_write_their_results_with_the_command_that_made_them(tmp_p
     assert (tmp_path / "deep" / "cost.md").read_text() == "# t\n| a |\n"
     assert (tmp_path / "deep" / "cost.csv").read_text().splitlines() == ["a,b", "1,2"]
     assert json.loads((tmp_path / "deep" / "cost.json").read_text()) == {"ratio": 2.5}
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_document_differences():
+    import math
+
+    from come.bench import paired_difference, paired_lines
+
+    a = {"t1": [1, 1, 0, 1], "t2": [0, 1, 1, 1, 0, 1]}
+    b = {"t1": [1, 0, 0, 0], "t2": [0, 1, 0, 1, 1, 1]}
+    # t1: d = [0, 1, 0, 1], mean 0.5, var 1/3; t2: d = [0, 0, 1, 0, -1, 0], mean 0, var 0.4.
+    mean, se = paired_difference(a, b)
+    assert math.isclose(mean, (0.5 + 0.0) / 2)
+    assert math.isclose(se, math.sqrt((1 / 3) / 4 + 0.4 / 6) / 2)
+    # Identical answers: no difference and no uncertainty, however uncertain each score is alone.
+    assert paired_difference(a, a) == (0.0, 0.0)
+    # Different documents or tasks cannot be paired.
+    assert paired_difference(a, {"t1": b["t1"]}) is None
+    assert paired_difference(a, {"t1": b["t1"][:3], "t2": b["t2"]}) is None
+
+    rows = [{"method": "x", "ratio": 0.2, "avg_acc": 0.6}, {"method": "y", "ratio": 0.2, "avg_acc": 0.4},
+            {"method": "z", "ratio": 0.2, "avg_acc": 0.5}]
+    lines = paired_lines(rows, {("x", 0.2): a, ("y", 0.2): b})  # z has no per-document scores
+    assert lines == [f"- ratio 0.2, minus **x**: y {-mean:+.4f} ± {se:.4f}"]
+
+
+def test_bench_table_lists_paired_differences(tmp_path):
+    from come.bench import write_tables
+
+    rows = [{"method": "x", "ratio": 0.2, "avg_acc": 0.6}, {"method": "y", "ratio": 0.2, "avg_acc": 0.4}]
+    per_doc = {("x", 0.2): {"t": [1.0, 1.0, 0.0]}, ("y", 0.2): {"t": [0.0, 1.0, 0.0]}}
+    write_tables(rows, tmp_path, {}, "cmd", per_doc=per_doc)
+    table = (tmp_path / "results.md").read_text()
+    assert "Paired differences of average accuracy" in table and "- ratio 0.2, minus **x**: y -0.3333 ± 0.3333" in table

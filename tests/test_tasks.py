@@ -136,6 +136,10 @@ def test_zero_shot_scores_all_tasks_end_to_end(two_runs):
         else:
             assert 0.0 <= scores["acc_norm"] <= 1.0, task
         assert scores["average_metric"] == come_tasks.AVERAGE_METRIC[task]
+        # Per-document scores (for paired comparisons) average to the task's score.
+        per_doc = scores["per_doc"]
+        assert len(per_doc) == LIMIT and set(per_doc) <= {0.0, 1.0}
+        assert math.isclose(sum(per_doc) / LIMIT, scores[scores["average_metric"]]), task
 
 
 def test_average_uses_average_metric(two_runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -192,11 +193,15 @@ def run_bench(
         write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None,
                                       "plan_layers": plan["layers"] if plan else None})
 
-    rows = []
+    rows, per_doc = [], {}
     for method, ratio in cells:
         if cell_name(method, ratio) not in missing:
-            rows.append(json.loads((out / "cells" / f"{cell_name(method, ratio)}.json").read_text())["row"])
-    write_tables(rows, out, settings, command, missing)
+            data = json.loads((out / "cells" / f"{cell_name(method, ratio)}.json").read_text())
+            rows.append(data["row"])
+            tasks_scored = ((data.get("evaluation") or {}).get("zero_shot") or {}).get("tasks", {})
+            if tasks_scored and all("per_doc" in t for t in tasks_scored.values()):
+                per_doc[(method, ratio)] = {name: t["per_doc"] for name, t in tasks_scored.items()}
+    write_tables(rows, out, settings, command, missing, per_doc)
     plot(rows, out / "results.png")
     return rows
 
@@ -224,7 +229,47 @@ def ranking(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_tables(rows: list[dict], out: Path, settings: dict, command: str, missing: list[str] | None = None) -> None:
+def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> tuple[float, float] | None:
+    """Average accuracy of a minus b over the tasks both scored on the same documents, and its standard
+    error from the per-document differences. Both models answer the same questions, so most of what makes
+    one model's score uncertain (which questions were drawn) cancels: the paired error is the one that
+    tells two methods apart, often several times smaller than either score's own."""
+    tasks = [t for t in a if t in b and len(a[t]) == len(b[t]) and len(a[t]) > 1]
+    if not tasks or len(tasks) != len(a) or len(tasks) != len(b):
+        return None
+    means, variances = [], []
+    for t in tasks:
+        d = [x - y for x, y in zip(a[t], b[t])]
+        n = len(d)
+        mean = math.fsum(d) / n
+        means.append(mean)
+        variances.append(math.fsum((v - mean) ** 2 for v in d) / (n - 1) / n)
+    return math.fsum(means) / len(tasks), math.sqrt(math.fsum(variances)) / len(tasks)
+
+
+def paired_lines(rows: list[dict], per_doc: dict) -> list[str]:
+    """Per ratio: every method's average accuracy minus the best one's, with the paired standard error."""
+    lines = []
+    for ratio in sorted({r["ratio"] for r in rows if r["method"] != DENSE}):
+        here = [r for r in rows if r["ratio"] == ratio and r["method"] != DENSE and (r["method"], ratio) in per_doc
+                and r.get("avg_acc") is not None]
+        if len(here) < 2:
+            continue
+        best = max(here, key=lambda r: r["avg_acc"])
+        parts = []
+        for r in sorted(here, key=lambda r: -r["avg_acc"]):
+            if r is best:
+                continue
+            diff = paired_difference(per_doc[(r["method"], ratio)], per_doc[(best["method"], ratio)])
+            if diff is not None:
+                parts.append(f"{r['method']} {diff[0]:+.4f} ± {diff[1]:.4f}")
+        if parts:
+            lines.append(f"- ratio {ratio:g}, minus **{best['method']}**: " + "; ".join(parts))
+    return lines
+
+
+def write_tables(rows: list[dict], out: Path, settings: dict, command: str, missing: list[str] | None = None,
+                 per_doc: dict | None = None) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -262,6 +307,10 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str, miss
     if missing:
         lines[1:1] = ["", f"**Partial table**: {len(missing)} cell(s) of the command not run yet: {', '.join(missing)}."]
     lines += ["", "Per ratio, among the rows above:", "", *ranking(rows)]
+    paired = paired_lines(rows, per_doc or {})
+    if paired:
+        lines += ["", "Paired differences of average accuracy (same documents; ± from the per-document differences; "
+                      "cells scored before per-document results were kept are left out):", "", *paired]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -259,7 +259,7 @@ def _simple_evaluate(lm_eval, lm, harness_names: dict, limit, manager, seed: int
         num_fewshot=0,
         limit=limit,
         task_manager=manager,
-        log_samples=False,
+        log_samples=True,  # per-document scores: paired comparisons of two models on the same documents
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
@@ -317,6 +317,10 @@ def zero_shot(
             "n": int(output["n-samples"][harness_name]["effective"]),
             "average_metric": AVERAGE_METRIC.get(task, "acc"),
         }
+        metric = per_task[task]["average_metric"]
+        samples = sorted(output.get("samples", {}).get(harness_name, []), key=lambda s: s["doc_id"])
+        if samples and all(metric in s for s in samples):
+            per_task[task]["per_doc"] = [float(s[metric]) for s in samples]
     averaged = [per_task[t][per_task[t]["average_metric"]] for t in tasks]
     errors = [per_task[t][f"{per_task[t]['average_metric']}_stderr"] for t in tasks]
     return {
