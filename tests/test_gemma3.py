@@ -29,7 +29,8 @@ def test_every_method_runs_6_to_4_and_reloads_with_identical_logits(method, tmp_
         with pytest.raises(ComeError, match="cannot be folded"):
             _run(method)
         return
-    result = _run(method, out=tmp_path / "out", search_samples=4, granularity=2)
+    extra = {"drop_layers": (2, 4)} if method == "drop" else {}
+    result = _run(method, out=tmp_path / "out", search_samples=4, granularity=2, **extra)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
     # Each output layer's type is the one recorded for its position, and its attention module agrees.

@@ -33,7 +33,8 @@ def _full_loss(model, tokens):
 @pytest.mark.parametrize("target", [4, 3])
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_reaches_target_exports_and_reloads(method, target, tmp_path):
-    result = _run(method, target, out=tmp_path / "out")
+    extra = {"drop_layers": (1, 3, 4)[: 6 - target]} if method == "drop" else {}
+    result = _run(method, target, out=tmp_path / "out", **extra)
     model, plan = result.model, result.plan
     assert plan["final_layers"] == target == model.config.num_hidden_layers == len(model.model.layers)
     assert sorted(c for layer in plan["layers"] for c in layer["covers"]) == list(range(6))
@@ -122,6 +123,24 @@ def test_sleb_removes_the_argmin_and_its_loss_is_the_real_one():
         pruned.config.num_hidden_layers = 5
         assert losses[k] == pytest.approx(_full_loss(pruned, tokens), abs=1e-5)
     assert len(result.plan["steps"]) == 2 and len(result.plan["steps"][1]["losses"]) == 5
+
+
+def test_drop_replays_a_layer_choice_exactly_and_refuses_a_wrong_one():
+    from come.errors import MergeError
+
+    sleb = _run("sleb", 3)
+    removed = [step["covers"][0] for step in sleb.plan["steps"]]  # the original layer each step deleted
+    replay = _run("drop", 3, drop_layers=tuple(removed))
+    assert [layer["covers"] for layer in replay.plan["layers"]] == [layer["covers"] for layer in sleb.plan["layers"]]
+    ids = tiny_tokens(nsamples=2, seqlen=12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(replay.model(ids).logits, sleb.model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(MergeError, match="names 2 layer"):
+        _run("drop", 3, drop_layers=(1, 2))
+    with pytest.raises(MergeError, match="distinct layers in 0..5"):
+        _run("drop", 3, drop_layers=(1, 1, 2))
+    with pytest.raises(MergeError, match="distinct layers in 0..5"):
+        _run("drop", 3, drop_layers=(1, 2, 6))
 
 
 # -- magnitude+, taylor+ ------------------------------------------------------------

@@ -123,6 +123,7 @@ def compress(
         ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
         show_default=False,
     ),
+    drop_layers: str = typer.Option("", help=help_text("drop_layers") + " Comma list.", show_default=False),
     replaceme_objective: str = typer.Option(default("replaceme_objective"), help=help_text("replaceme_objective")),
     replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
@@ -182,6 +183,7 @@ def compress(
             search_deletions=search_deletions,
             search_deletion_rank=search_deletion_rank,
             search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
+            drop_layers=tuple(_ints(drop_layers, "--drop-layers")),
             replaceme_objective=replaceme_objective,
             replaceme_blocks=replaceme_blocks,
             progress=not quiet,
@@ -255,6 +257,13 @@ def _floats(value: str, option: str) -> list[float]:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         _fail(f"{option} takes comma-separated numbers, got {value!r}")
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
 
 
 def _method_options(items: list[str]) -> dict[str, dict]:

@@ -62,6 +62,7 @@ class CompressionOptions:
                  "of the layer's span if it is skipped) or by block influence (bi).")
     search_ratios: tuple[float, ...] = _opt((), "come-search: first-layer channel shares tried besides the BI ratio "
                                                 "(none by default: measured no better, at 1.8x the time).")
+    drop_layers: tuple[int, ...] = _opt((), "drop: the original layers to delete (as many as the target removes).")
     replaceme_objective: Literal["lstsq", "cosine"] = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
     replaceme_blocks: int = _opt(1, "replaceme: remove the layers as this many blocks.", min=1)
     replaceme_epochs: int = _opt(10, "replaceme cosine: Adam epochs over the calibration tokens.", min=1)
