@@ -93,6 +93,7 @@ def test_shortgpt_layerwise_single_file_output(tmp_path):
     ("replaceme", {"replaceme_objective": "cosine", "replaceme_epochs": 2}),
     ("shortgpt", {"refit": True}),
     ("come", {"refit": True}),
+    ("drop", {"drop_layers": (1, 4), "refit": True}),
 ])
 def test_new_methods_and_refit_layerwise_match_in_memory(method, options, tmp_path):
     src = _folder(tmp_path, "qwen2")
