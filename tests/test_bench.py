@@ -122,3 +122,19 @@ def test_bench_table_lists_paired_differences(tmp_path):
     write_tables(rows, tmp_path, {}, "cmd", per_doc=per_doc)
     table = (tmp_path / "results.md").read_text()
     assert "Paired differences of average accuracy" in table and "- ratio 0.2, minus **x**: y -0.3333 ± 0.3333" in table
+
+
+def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):  # noqa: F811
+    from come.bench import parse_method_spec, spec_ratios
+
+    assert parse_method_spec("sleb-layers:drop@0.2") == ("sleb-layers", "drop")
+    assert spec_ratios("sleb-layers:drop@0.1/0.3") == {0.1, 0.3} and spec_ratios("drop") is None
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt,x:drop@0.01",
+                                 "--ratios", "0.005,0.01", "--tasks", "none", "--set", "x.drop_layers=[1]",
+                                 "--report-only", "-q"])
+    assert result.exit_code == 0, result.output
+    table = (out / "results.md").read_text()
+    assert "not run yet: dense, shortgpt-r0.005, shortgpt-r0.01, x-r0.01." in table
+    bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,x:drop@a", "--tasks", "none"])
+    assert bad.exit_code != 0 and "after @ must be numbers" in bad.output

@@ -154,7 +154,7 @@ def test_largest_remainder_sums_exactly():
     assert largest_remainder([0.5, 0.5], 3) == [2, 1]
     assert largest_remainder([0.2, 0.3, 0.5], 7) == [1, 2, 4]
     assert largest_remainder([0.0, 0.0], 4) == [2, 2]
-    for total in range(0, 30):
+    for total in range(30):
         assert sum(largest_remainder([0.13, 0.57, 0.3], total)) == total
 
 

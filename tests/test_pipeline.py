@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from come.adapters import UnsupportedArchitecture, adapter_for
 from come.errors import InvalidTarget, MergeError, OutputExists
-from come.adapters import UnsupportedArchitecture
 from come.models import LoadedModel
 from come.pipeline import compress, count_parameters, layer_parameters, resolve_target
-from come.adapters import adapter_for
 from come.testing import FAMILIES, tiny_model, tiny_tokens
 
 
@@ -128,7 +127,7 @@ def test_existing_output_refused_and_overwrite(tmp_path):
 
 
 def test_failure_leaves_no_output(tmp_path, monkeypatch):
-    import come.card as card
+    from come import card
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")

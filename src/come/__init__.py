@@ -10,4 +10,4 @@ def compress(*args, **kwargs):
     return _compress(*args, **kwargs)
 
 
-__all__ = ["compress", "__version__"]
+__all__ = ["__version__", "compress"]

@@ -22,14 +22,27 @@ def cell_name(method: str, ratio: float) -> str:
 
 
 def parse_method_spec(spec: str) -> tuple[str, str]:
-    """'LABEL:METHOD' (a variant of METHOD, configured by --set LABEL.OPTION=VALUE) or 'METHOD' -> (label, method)."""
+    """'LABEL:METHOD' (a variant of METHOD, configured by --set LABEL.OPTION=VALUE) or 'METHOD' -> (label, method).
+    A trailing '@R1/R2' (the ratios the entry runs at) is not part of either: see `spec_ratios`."""
     import re
 
-    label, sep, method = spec.partition(":")
+    label, sep, method = spec.partition("@")[0].partition(":")
     method = method if sep else label
     if not re.fullmatch(r"[A-Za-z0-9+_-]+", label):
         raise ComeError(f"method label {label!r} may hold letters, digits, +, _ and - only")
     return label, method
+
+
+def spec_ratios(spec: str) -> set[float] | None:
+    """The ratios of 'LABEL:METHOD@0.1/0.2' (None: every ratio), for a variant that only makes sense at some,
+    e.g. `drop` replaying the layers another method chose at one ratio."""
+    _, at, ratios = spec.partition("@")
+    if not at:
+        return None
+    try:
+        return {float(r) for r in ratios.split("/") if r.strip()}
+    except ValueError:
+        raise ComeError(f"{spec!r}: the ratios after @ must be numbers separated by /") from None
 
 
 def run_bench(
@@ -63,8 +76,9 @@ def run_bench(
     from .methods import get_method
     from .pipeline import compress
 
-    base_of = dict(parse_method_spec(m) for m in methods)
-    if len(base_of) != len(methods):
+    specs = list(methods)
+    base_of = dict(parse_method_spec(m) for m in specs)
+    if len(base_of) != len(specs):
         raise ComeError("--methods names a label twice")
     methods = list(base_of)
     for label, method in base_of.items():
@@ -82,8 +96,10 @@ def run_bench(
     out = Path(out)
     check_writable(out, "bench")  # before hours of work, not after the first cell
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    cells = [(m, 0.0) for m in methods if m == DENSE] + [(m, r) for r in ratios for m in methods if m != DENSE]
-    cells += [(f"{m}{DISTILLED}", r) for r in ratios for m in distill_methods]
+    only_at = {parse_method_spec(m)[0]: spec_ratios(m) for m in specs}
+    cells = [(m, 0.0) for m in methods if m == DENSE] + [
+        (m, r) for r in ratios for m in methods if m != DENSE and (only_at[m] is None or r in only_at[m])]
+    cells += [(f"{m}{DISTILLED}", r) for r in ratios for m in distill_methods if only_at[m] is None or r in only_at[m]]
     settings = {
         "model": model,
         "ppl": ppl_sources,

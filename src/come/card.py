@@ -24,8 +24,8 @@ def plan_figure(plan: dict, path: str | Path) -> Path:
     n_out = len(layers)
     height = max(n_orig, n_out)
     fig, ax = plt.subplots(figsize=(6, max(4, 0.22 * height + 1.5)))
-    y_orig = lambda i: height - 1 - i * (height - 1) / max(1, n_orig - 1)  # noqa: E731
-    y_out = lambda k: height - 1 - k * (height - 1) / max(1, n_out - 1)  # noqa: E731
+    y_orig = lambda i: height - 1 - i * (height - 1) / max(1, n_orig - 1)
+    y_out = lambda k: height - 1 - k * (height - 1) / max(1, n_out - 1)
     colors = plt.get_cmap("tab20")
     for i in range(n_orig):
         ax.add_patch(Rectangle((0, y_orig(i) - 0.35), 1, 0.7, color="0.85"))

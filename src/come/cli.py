@@ -333,7 +333,8 @@ def bench(
     click_context: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
     out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished cells found there are skipped."),
-    methods: str = typer.Option("dense,come,shortgpt", help="Comma list of methods; 'dense' is the uncompressed reference."),
+    methods: str = typer.Option("dense,come,shortgpt", help="Comma list of methods; 'dense' is the uncompressed reference. "
+                                 "LABEL:METHOD is a variant (see --set); a trailing @0.2 (or @0.1/0.3) runs it at those ratios only."),
     ratios: str = typer.Option("0.1,0.2,0.3", help="Comma list of parameter fractions to remove."),
     ppl: str = typer.Option("wikipedia,lambada", help="Perplexity sources, or none."),
     tasks: str = typer.Option("all", help="Zero-shot tasks: all, a comma list, or none."),

@@ -203,12 +203,12 @@ def _local(tag: str) -> str:
 _BACK_MATTER = re.compile(
     r"^==\s*(references|notes|notes and references|external links|see also|further reading"
     r"|bibliography|sources|footnotes|citations)\s*==\s*$",
-    re.I | re.M,
+    re.IGNORECASE | re.MULTILINE,
 )
-_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.I | re.S)
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.IGNORECASE | re.DOTALL)
 _DROP_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "score", "syntaxhighlight", "source", "chem"}
 # [[File:..]], [[Category:..]], interlanguage [[de:..]] and the like carry no prose.
-_NAMESPACED_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikt|wiktionary|[a-z]{2,3}(-[a-z]+)*)\s*:", re.I)
+_NAMESPACED_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|wikt|wiktionary|[a-z]{2,3}(-[a-z]+)*)\s*:", re.IGNORECASE)
 _TABLE_LINE = re.compile(r"^\s*(\{\||\|\}|\|-|\||!)")
 _LEFTOVER_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")  # links the parser gave up on (bad nesting)
 
@@ -261,9 +261,7 @@ def _prune(code) -> None:
                 continue
             if node.text is not None:
                 _prune(node.text)
-        elif isinstance(node, Heading):
-            _prune(node.title)
-        elif isinstance(node, ExternalLink) and node.title is not None:
+        elif isinstance(node, Heading) or isinstance(node, ExternalLink) and node.title is not None:
             _prune(node.title)
         kept.append(node)
     code.nodes = kept

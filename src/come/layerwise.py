@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .adapters import Adapter, adapter_for
 from .errors import ComeError, ModelLoadError

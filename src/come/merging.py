@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .adapters import Adapter
 from .errors import MergeError
@@ -146,9 +146,9 @@ def merge_layers(
             out[f"{name}.bias"] = sum(sd[f"{name}.bias"] for sd in sources)
             handled.add(f"{name}.bias")
 
-    query_idx = lambda sel: _rows_of_groups(sel.kv_groups, reps, head_dim)  # noqa: E731
-    kv_idx = lambda sel: _rows_of_groups(sel.kv_groups, 1, head_dim)  # noqa: E731
-    neuron_idx = lambda sel: sel.neurons  # noqa: E731
+    query_idx = lambda sel: _rows_of_groups(sel.kv_groups, reps, head_dim)
+    kv_idx = lambda sel: _rows_of_groups(sel.kv_groups, 1, head_dim)
+    neuron_idx = lambda sel: sel.neurons
     for name in adapter.query_rows:
         rows(f"{adapter.attn}.{name}", query_idx)
     for name in adapter.kv_rows:

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import data as data_mod
 from . import models as models_mod
 from .activations import BoundaryStore, choose_storage
 from .adapters import Adapter, adapter_for
 from .errors import InvalidTarget, ModelLoadError
+from .methods import DEFAULT_METHOD
 from .models import LoadedModel, count_parameters, load_model, parse_dtype, resolve_device
 from .options import CompressionOptions, resolve_options
-from .methods import DEFAULT_METHOD
 from .scoring import BoundaryCache, ModelLayers
 
 

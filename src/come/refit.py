@@ -29,7 +29,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .errors import ComeError
 from .scoring import layer_output
@@ -50,7 +50,7 @@ class RidgeStats:
     rows: int = 0
 
     @classmethod
-    def zeros(cls, d_in: int, d_out: int, device="cpu") -> "RidgeStats":
+    def zeros(cls, d_in: int, d_out: int, device="cpu") -> RidgeStats:
         return cls(torch.zeros(d_in, d_in, dtype=torch.float64, device=device),
                    torch.zeros(d_in, d_out, dtype=torch.float64, device=device))
 
@@ -68,7 +68,7 @@ class RidgeStats:
             self.tty += float(teacher.double().pow(2).sum())
         self.rows += x.shape[0]
 
-    def __iadd__(self, other: "RidgeStats") -> "RidgeStats":
+    def __iadd__(self, other: RidgeStats) -> RidgeStats:
         self.xtx += other.xtx
         self.xty += other.xty
         self.yty += other.yty

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for

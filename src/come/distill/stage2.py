@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for

@@ -17,10 +17,10 @@ import math
 import os
 import subprocess
 import tempfile
-from unittest import mock
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 
@@ -271,7 +271,7 @@ def zero_shot(
     model,
     tokenizer,
     tasks: Sequence[str] = PAPER_TASKS,
-    limit: int | float | None = None,
+    limit: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     offline: bool = True,
