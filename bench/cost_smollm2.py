@@ -1,7 +1,7 @@
 """Compression cost of the default method against the paper's CoMe, measured in one run.
 
-Both compress SmolLM2-135M at the same ratio from the same calibration set (the default 32 x 512
-Wikipedia tokens), one after the other in this process, alternating `--repeats` times so that a
+Both compress SmolLM2-135M at the same ratio from the same calibration set (the default method's:
+128 x 128 Wikipedia tokens), one after the other in this process, alternating `--repeats` times so that a
 change in machine load hits both; reports wall seconds, decoder-layer passes and the ratio.
 
     python bench/cost_smollm2.py --ratio 0.3 --repeats 1 --results bench/results/cost_smollm2
@@ -28,10 +28,13 @@ def main() -> None:
 
     import come
     from come.data import calibration_tokens
+    from come.methods import DEFAULT_METHOD, method_defaults
     from come.models import load_model
+    from come.options import resolve_options
 
     loaded = load_model(None)
-    tokens = calibration_tokens(loaded.tokenizer, "wikipedia", 32, 512, seed=0)
+    calib = resolve_options(method_defaults(DEFAULT_METHOD), {})
+    tokens = calibration_tokens(loaded.tokenizer, "wikipedia", calib.nsamples, calib.seqlen, seed=0)
     runs = {"come (paper)": dict(method="come", allow_remerge=False), "come-search (default)": dict(method="come-search")}
     rows = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -49,7 +52,7 @@ def main() -> None:
         "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
         "",
         f"Command: `{_results.command_line()}`  ",
-        f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: 32 x 512 Wikipedia tokens (seed 0), ratio {args.ratio}.",
+        f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: {calib.nsamples} x {calib.seqlen} Wikipedia tokens (seed 0), ratio {args.ratio}.",
         "",
         "| method | layers | best wall s | decoder-layer passes (whole-set equivalents) |",
         "|---|---|---|---|",

@@ -7,6 +7,16 @@ give them (same for come+refit), so the final `come bench` run skips them and th
 they are. Only cells whose plan records the option value claimed are relabelled.
 
     python bench/relabel_cells.py bench/results/smollm2_methods come=come-paper come+refit=come-paper+refit
+
+`--rename OLD=NEW[:BASE]` moves cells whose options did not change but whose label must: e.g. when a
+variant becomes the method's default (`come-search-s128=come-search`), and the cells of the old
+default keep their settings under a variant label (`come-search=come-search-512:come-search`).
+
+    python bench/relabel_cells.py bench/results/smollm2_methods --rename come-search=come-search-512:come-search \
+        come-search-s128=come-search
+
+`--pin LABEL.OPTION=VALUE` writes into the settings of LABEL's cells an option value they ran with as the
+method's default, once that default changed, so that the script names it (--set) and the cells stay valid.
 """
 
 from __future__ import annotations
@@ -40,8 +50,60 @@ def relabel(folder: Path, old: str, new: str) -> list[Path]:
     return done
 
 
+def rename(folder: Path, old: str, new: str, base: str) -> list[Path]:
+    """Cells of label `old` become cells of label `new` (a variant of `base`), settings otherwise unchanged."""
+    cells = sorted((folder / "cells").glob(f"{old}-r*.json"))
+    clash = [c for c in cells if c.with_name(c.name.replace(f"{old}-r", f"{new}-r", 1)).exists()]
+    if clash:
+        raise SystemExit(f"{new} cells exist already: {[c.name for c in clash]}")
+    done = []
+    for cell in cells:
+        data = json.loads(cell.read_text())
+        if data["row"].get("method") != old:
+            continue
+        data["row"]["method"] = new
+        if base != new:
+            data["settings"]["base_method"] = base
+        else:
+            data["settings"].pop("base_method", None)
+        target = cell.with_name(cell.name.replace(f"{old}-r", f"{new}-r", 1))
+        target.write_text(json.dumps(data, indent=1))
+        cell.unlink()
+        done.append(target)
+    return done
+
+
+def pin(folder: Path, label: str, option: str, value) -> list[Path]:
+    done = []
+    for cell in sorted((folder / "cells").glob(f"{label}-r*.json")):
+        data = json.loads(cell.read_text())
+        if data["row"].get("method") != label:
+            continue
+        options = data["settings"].setdefault("method_options", {})
+        if option in options and options[option] != value:
+            raise SystemExit(f"{cell.name} ran with {option}={options[option]!r}, not {value!r}")
+        options[option] = value
+        cell.write_text(json.dumps(data, indent=1))
+        done.append(cell)
+    return done
+
+
 if __name__ == "__main__":
     root = Path(sys.argv[1])
+    if sys.argv[2:3] == ["--pin"]:
+        for item in sys.argv[3:]:
+            key, _, raw = item.partition("=")
+            label, _, option = key.partition(".")
+            for path in pin(root, label, option, json.loads(raw)):
+                print(f"{path.name}: {option}={raw}")
+        raise SystemExit(0)
+    if sys.argv[2:3] == ["--rename"]:
+        for pair in sys.argv[3:]:
+            old, spec = pair.split("=")
+            new, _, base = spec.partition(":")
+            for path in rename(root, old, new, base or new):
+                print(f"{old} -> {path.name}")
+        raise SystemExit(0)
     for pair in sys.argv[2:]:
         old, new = pair.split("=")
         for path in relabel(root, old, new):

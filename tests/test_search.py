@@ -173,3 +173,14 @@ def test_a_candidate_whose_model_diverges_is_never_chosen_and_the_plan_stays_str
     text = json_text(result.plan)
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text)["steps"][0]["candidates"][0]["loss"] is None
+
+
+def test_come_search_calibrates_on_128_sequences_of_128_tokens_unless_told_otherwise():
+    from come.methods import method_defaults
+    from come.options import resolve_options
+
+    opts = resolve_options(method_defaults("come-search"), {"nsamples": None, "seqlen": None})
+    assert (opts.nsamples, opts.seqlen, opts.search_samples) == (128, 128, 16)
+    assert resolve_options(method_defaults("come-search"), {"nsamples": 32, "seqlen": 512}).seqlen == 512
+    other = resolve_options(method_defaults("shortgpt"), {"nsamples": None, "seqlen": None})
+    assert (other.nsamples, other.seqlen) == (32, 512)

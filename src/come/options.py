@@ -20,8 +20,9 @@ def _opt(default, help: str, **cli):
 @dataclass
 class CompressionOptions:
     calib: str = _opt("wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online).")
-    nsamples: int = _opt(32, "Calibration sequences.", min=1)
-    seqlen: int = _opt(512, "Tokens per calibration sequence.", min=2)
+    nsamples: int = _opt(32, "Calibration sequences. Default: the method's (come-search: 128; others: 32).", min=1)
+    seqlen: int = _opt(512, "Tokens per calibration sequence. Default: the method's (come-search: 128; others: 512).",
+                       min=2)
     seed: int = _opt(0, "Seed for calibration sampling.")
     batch_size: int = _opt(8, "Sequences per forward pass during calibration.", min=1)
     merge_size: int = _opt(2, "Adjacent layers merged per step.", min=2)
@@ -41,7 +42,7 @@ class CompressionOptions:
     progress: bool = _opt(True, "Progress bars.")
     granularity: int = _opt(20, "come-p: channel-ratio grid steps (G+1 candidates per merge).", min=1)
     search_samples: int | None = _opt(None, "Calibration sequences scored by loss/similarity searches. Default: the "
-                                            "method's (come-search: 4; come-p, sleb, laco: all).", min=1)
+                                            "method's (come-search: 16; come-p, sleb, laco: all).", min=1)
     laco_thresholds: tuple[float, ...] = _opt((0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
                                   "laco: similarity thresholds tried from high to low.")
     laco_interval: int = _opt(2, "laco: step down after an accepted merge.", min=1)

@@ -198,9 +198,11 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     "come-search",
     "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
     layerwise=True,
-    # 4 scored sequences and 3 + 4 candidates: 2.74x paper CoMe's time at 30% on SmolLM2
-    # (bench/results/cost_smollm2.md); 8 sequences measured 3.2x for perplexity 78 instead of 81.
-    defaults={"refit": True, "allow_remerge": True, "search_samples": 4, "protect_first": 1},
+    # Calibration 128 x 128 tokens, 16 of them scored (the same token counts as 32 x 512 and 4): lower
+    # perplexity and higher accuracy than 32 x 512 at 0.1, 0.2 and 0.3 on SmolLM2, in less time
+    # (bench/results/smollm2_methods: come-search vs come-search-512; cost: bench/results/cost_smollm2.md).
+    defaults={"refit": True, "allow_remerge": True, "search_samples": 16, "protect_first": 1,
+              "nsamples": 128, "seqlen": 128},
 )
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
