@@ -50,7 +50,7 @@ class CompressionOptions:
     search_loss: Literal["ce", "kl"] = _opt(
         "ce", "Score of a candidate in loss-guided searches (come-search, sleb, come-p): ce (next-token "
               "cross-entropy on the calibration text) | kl (divergence from the original model's next-token "
-              "distribution). Default: the method's.")
+              "distribution).")
     refit: bool = _opt(False, "After every merge or removal, refit the new layer's down_proj (ridge least squares) to "
                               "reproduce the original model over the span it replaces. Default: the method's "
                               "(come-search: on; others: off).")

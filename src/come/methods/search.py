@@ -198,9 +198,10 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     "come-search",
     "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
     layerwise=True,
-    # Calibration 128 x 128 tokens, 16 of them scored (the same token counts as 32 x 512 and 4): lower
-    # perplexity and higher accuracy than 32 x 512 at 0.1, 0.2 and 0.3 on SmolLM2, in less time
-    # (bench/results/smollm2_methods: come-search vs come-search-512; cost: bench/results/cost_smollm2.md).
+    # Calibration 128 x 128 tokens, 16 of them scored (the same token counts as 32 x 512 and 4). On SmolLM2
+    # (bench/results/smollm2_methods: come-search vs come-search-512) lower perplexity at 0.2 and 0.3, the
+    # same at 0.1; accuracy +0.006 / +0.007 at 0.2 / 0.3 but -0.011 at 0.1 (within noise). On Gemma-3-270M
+    # at 0.05 perplexity is worse (98.7 / 175.7 vs 90.0 / 156.4). Cost: bench/results/cost_smollm2.md.
     defaults={"refit": True, "allow_remerge": True, "search_samples": 16, "protect_first": 1,
               "nsamples": 128, "seqlen": 128},
 )
