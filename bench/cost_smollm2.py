@@ -35,7 +35,7 @@ def main() -> None:
     loaded = load_model(None)
     calib = resolve_options(method_defaults(DEFAULT_METHOD), {})
     tokens = calibration_tokens(loaded.tokenizer, "wikipedia", calib.nsamples, calib.seqlen, seed=0)
-    runs = {"come (paper)": dict(method="come", allow_remerge=False), "come-search (default)": dict(method="come-search")}
+    runs = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search (default)": {"method": "come-search"}}
     rows = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, options in runs.items():

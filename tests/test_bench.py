@@ -125,10 +125,11 @@ def test_bench_table_lists_paired_differences(tmp_path):
 
 
 def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):  # noqa: F811
-    from come.bench import parse_method_spec, spec_ratios
+    from come.bench import parse_method_spec
 
-    assert parse_method_spec("sleb-layers:drop@0.2") == ("sleb-layers", "drop")
-    assert spec_ratios("sleb-layers:drop@0.1/0.3") == {0.1, 0.3} and spec_ratios("drop") is None
+    assert parse_method_spec("sleb-layers:drop@0.2") == ("sleb-layers", "drop", {0.2})
+    assert parse_method_spec("sleb-layers:drop@0.1/0.3").ratios == {0.1, 0.3}
+    assert parse_method_spec("drop") == ("drop", "drop", None)
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt,x:drop@0.01",
                                  "--ratios", "0.005,0.01", "--tasks", "none", "--set", "x.drop_layers=[1]",

@@ -15,7 +15,7 @@ from come.testing import tiny_model, tiny_tokens
 TRAIN = tiny_tokens(nsamples=16, seqlen=32, seed=1)
 HELD_OUT = tiny_tokens(nsamples=8, seqlen=32, seed=2)
 # 16 sequences in chunks of 4, 6 epochs: 24 steps per layer.
-SETTINGS = dict(tokens=TRAIN, lr=2e-3, epochs=6, batch_size=4, warmup=0.1, seed=3, progress=False)
+SETTINGS = {"tokens": TRAIN, "lr": 2e-3, "epochs": 6, "batch_size": 4, "warmup": 0.1, "seed": 3, "progress": False}
 
 
 def char_tokenizer():
@@ -61,7 +61,7 @@ def assert_same_weights(a, b):
 
 
 def test_stage1_lowers_training_loss_and_held_out_span_error(setup, single_run):
-    root, teacher_dir, compressed = setup
+    _root, teacher_dir, compressed = setup
     out, summary = single_run
     assert sorted(summary["stage1"]["layers"]) == [0, 1, 2]  # 6 -> 3 by merging pairs: every layer is merged
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -78,7 +78,7 @@ def test_stage1_lowers_training_loss_and_held_out_span_error(setup, single_run):
 
 def test_default_method_output_distills(setup, tmp_path):
     """come-search mixes merges and refitted deletions: every layer standing for a span is trained."""
-    root, teacher_dir, _ = setup
+    _root, teacher_dir, _ = setup
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
     compress(loaded, target_layers=4, tokens=tiny_tokens(), out=tmp_path / "search", progress=False)
     plan = json.loads((tmp_path / "search" / "come_plan.json").read_text())
@@ -91,7 +91,7 @@ def test_default_method_output_distills(setup, tmp_path):
 
 def test_output_reloads_with_plan_and_distillation_record(setup, single_run):
     root, teacher_dir, compressed = setup
-    out, summary = single_run
+    out, _summary = single_run
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 3
     with torch.no_grad():
@@ -166,8 +166,8 @@ def _stage2_curve(path):
 
 def test_stage2_fsdp_matches_ddp(setup, tmp_path):
     """FSDP2 (sharded student) and DDP (replicated) average the same gradients: the same run up to float order."""
-    root, teacher_dir, compressed = setup
-    run = dict(teacher=teacher_dir, tokens=TRAIN, layers="none", batch_size=2, grad_accum=2, global_steps=3, global_lr=3e-3, workers=2, progress=False)
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "layers": "none", "batch_size": 2, "grad_accum": 2, "global_steps": 3, "global_lr": 3e-3, "workers": 2, "progress": False}
     ddp = distill(compressed, tmp_path / "ddp", **run)
     fsdp = distill(compressed, tmp_path / "fsdp", fsdp=True, **run)
     assert fsdp["options"]["fsdp"] and fsdp["stage2"]["steps"] == 3 and fsdp["stage2"]["tokens"] == ddp["stage2"]["tokens"]
@@ -185,8 +185,8 @@ def test_stage2_fsdp_matches_ddp(setup, tmp_path):
 
 
 def test_stage2_fsdp_resume_and_single_worker_error(setup, tmp_path):
-    root, teacher_dir, compressed = setup
-    run = dict(teacher=teacher_dir, tokens=TRAIN, layers="none", batch_size=2, global_steps=4, global_lr=3e-3, workers=2, fsdp=True, train="all")
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "layers": "none", "batch_size": 2, "global_steps": 4, "global_lr": 3e-3, "workers": 2, "fsdp": True, "train": "all"}
     run["progress"] = False
     with pytest.raises(DistillError, match="--workers 2 or more"):  # nothing to shard over: an error, not a silent DDP/plain run
         distill(compressed, tmp_path / "one", **{**run, "workers": 1})
@@ -203,7 +203,7 @@ def test_stage2_fsdp_resume_and_single_worker_error(setup, tmp_path):
 
 
 def test_vocab_mismatch_is_a_clear_error(setup, tmp_path):
-    root, teacher_dir, compressed = setup
+    _root, _teacher_dir, compressed = setup
     other = save_teacher(tmp_path / "other", vocab_size=160)
     with pytest.raises(DistillError, match="vocabulary size: 160 vs 128"):
         distill(compressed, tmp_path / "out", teacher=other, tokens=TRAIN, progress=False)
@@ -214,7 +214,7 @@ def test_vocab_mismatch_is_a_clear_error(setup, tmp_path):
 
 
 def test_too_little_data_is_a_clear_error(setup, tmp_path):
-    root, teacher_dir, compressed = setup
+    _root, teacher_dir, compressed = setup
     text = tmp_path / "small.txt"
     text.write_text("A short text.\n\nJust two paragraphs, far fewer than the tokens asked for.")
     with pytest.raises(DataError, match=r"--tokens 10000: .*has only 72 tokens"):
@@ -222,7 +222,7 @@ def test_too_little_data_is_a_clear_error(setup, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path):
-    root, teacher_dir, compressed = setup
+    _root, teacher_dir, compressed = setup
     with pytest.raises(NonFiniteLoss, match="last good checkpoint is .*layer_000.ckpt.pt") as info:
         distill(compressed, tmp_path / "out", teacher=teacher_dir, **{**SETTINGS, "lr": 1e30, "save_every": 1, "max_grad_norm": 0})
     assert (tmp_path / "out.partial" / "stage1" / "layer_000.ckpt.pt").is_file() and "\n" not in str(info.value)
@@ -233,7 +233,7 @@ def test_cli_distill_from_a_text_file(setup, tmp_path):
 
     from come.cli import app
 
-    root, teacher_dir, compressed = setup
+    _root, _teacher_dir, compressed = setup
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(20)))
     args = ["distill", str(compressed), "--out", str(tmp_path / "out"), "--data", str(text), "--tokens", "256", "--seqlen", "32", "--batch-size", "4", "-q"]
@@ -246,14 +246,14 @@ def test_cli_distill_from_a_text_file(setup, tmp_path):
 
 @pytest.mark.parametrize("loss", ["cosine", "kl"])
 def test_other_stage1_losses_decrease(setup, tmp_path, loss):
-    root, teacher_dir, compressed = setup
+    _root, teacher_dir, compressed = setup
     summary = distill(compressed, tmp_path / "out", teacher=teacher_dir, loss=loss, cache_dtype="bfloat16", **SETTINGS)
     for layer in summary["stage1"]["layers"].values():
         assert layer["final_loss"] < 0.8 * layer["initial_loss"]
 
 
 def test_shortgpt_survivors_of_removed_spans_are_trained(setup, tmp_path):
-    root, teacher_dir, compressed = setup
+    _root, teacher_dir, _compressed = setup
     loaded = LoadedModel(tiny_model("llama"), char_tokenizer(), {"name": "tiny", "kind": "local", "path": str(teacher_dir)})
     plan = compress(loaded, target_layers=4, method="shortgpt", tokens=tiny_tokens(), out=tmp_path / "short", progress=False).plan
     spans = {k: layer["covers"] for k, layer in enumerate(plan["layers"]) if len(layer["covers"]) > 1}

@@ -14,8 +14,8 @@ from come.testing import tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens(nsamples=8, seqlen=32)
 SAMPLES = 4
-EVERYTHING = dict(search_windows=10, search_deletions=10, search_ratios=(0.25, 0.5, 0.75), search_samples=SAMPLES,
-                  protect_first=0)
+EVERYTHING = {"search_windows": 10, "search_deletions": 10, "search_ratios": (0.25, 0.5, 0.75), "search_samples": SAMPLES,
+                  "protect_first": 0}
 
 
 def _search(model, target, **options):
@@ -98,7 +98,7 @@ def test_default_never_merges_layer_zero_on_a_deep_model():
 def test_reusing_candidates_between_steps_changes_nothing(refit, monkeypatch):
     from come.methods.search import _Memo
 
-    options = dict(refit=refit, search_samples=SAMPLES, search_ratios=(0.5,), search_windows=4, search_deletions=4)
+    options = {"refit": refit, "search_samples": SAMPLES, "search_ratios": (0.5,), "search_windows": 4, "search_deletions": 4}
     memo_hits = []
     original_get = _Memo.get
 

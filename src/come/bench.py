@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import ComeError
 from .outputs import check_writable, write_json_atomic
@@ -21,28 +22,30 @@ def cell_name(method: str, ratio: float) -> str:
     return DENSE if method == DENSE else f"{method}-r{ratio:g}"
 
 
-def parse_method_spec(spec: str) -> tuple[str, str]:
-    """'LABEL:METHOD' (a variant of METHOD, configured by --set LABEL.OPTION=VALUE) or 'METHOD' -> (label, method).
-    A trailing '@R1/R2' (the ratios the entry runs at) is not part of either: see `spec_ratios`."""
+class MethodSpec(NamedTuple):
+    label: str  # the cell name's stem, and the key of --set LABEL.OPTION=VALUE
+    method: str  # the registered method it runs
+    ratios: frozenset[float] | None  # the ratios it runs at (None: every ratio)
+
+
+def parse_method_spec(spec: str) -> MethodSpec:
+    """'LABEL:METHOD@R1/R2' -> (label, method, ratios). ':METHOD' makes a variant of METHOD configured by
+    --set LABEL.OPTION=VALUE (without it, the label is the method); '@R1/R2' limits the entry to those
+    ratios, for a variant that only makes sense at some, e.g. `drop` replaying another method's layers."""
     import re
 
-    label, sep, method = spec.partition("@")[0].partition(":")
+    head, at, ratio_list = spec.partition("@")
+    label, sep, method = head.partition(":")
     method = method if sep else label
     if not re.fullmatch(r"[A-Za-z0-9+_-]+", label):
         raise ComeError(f"method label {label!r} may hold letters, digits, +, _ and - only")
-    return label, method
-
-
-def spec_ratios(spec: str) -> set[float] | None:
-    """The ratios of 'LABEL:METHOD@0.1/0.2' (None: every ratio), for a variant that only makes sense at some,
-    e.g. `drop` replaying the layers another method chose at one ratio."""
-    _, at, ratios = spec.partition("@")
-    if not at:
-        return None
-    try:
-        return {float(r) for r in ratios.split("/") if r.strip()}
-    except ValueError:
-        raise ComeError(f"{spec!r}: the ratios after @ must be numbers separated by /") from None
+    ratios = None
+    if at:
+        try:
+            ratios = frozenset(float(r) for r in ratio_list.split("/") if r.strip())
+        except ValueError:
+            raise ComeError(f"{spec!r}: the ratios after @ must be numbers separated by /") from None
+    return MethodSpec(label, method, ratios)
 
 
 def run_bench(
@@ -76,12 +79,12 @@ def run_bench(
     from .methods import get_method
     from .pipeline import compress
 
-    specs = list(methods)
-    base_of = dict(parse_method_spec(m) for m in specs)
-    if len(base_of) != len(specs):
+    specs = {spec.label: spec for spec in map(parse_method_spec, methods)}
+    if len(specs) != len(methods):
         raise ComeError("--methods names a label twice")
-    methods = list(base_of)
-    for label, method in base_of.items():
+    methods = list(specs)
+    base_of = {label: spec.method for label, spec in specs.items()}
+    for method in base_of.values():
         if method != DENSE:
             get_method(method)  # unknown names fail before any work
     stray = sorted(set(method_options or {}) - set(methods))
@@ -96,7 +99,7 @@ def run_bench(
     out = Path(out)
     check_writable(out, "bench")  # before hours of work, not after the first cell
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    only_at = {parse_method_spec(m)[0]: spec_ratios(m) for m in specs}
+    only_at = {label: spec.ratios for label, spec in specs.items()}
     cells = [(m, 0.0) for m in methods if m == DENSE] + [
         (m, r) for r in ratios for m in methods if m != DENSE and (only_at[m] is None or r in only_at[m])]
     cells += [(f"{m}{DISTILLED}", r) for r in ratios for m in distill_methods if only_at[m] is None or r in only_at[m]]

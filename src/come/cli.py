@@ -242,9 +242,10 @@ def eval_command(
         if update_card:
             from .evaluate import update_card as write_results
 
-            settings = dict(ppl_sources=parse_list(ppl, ("wikipedia", "lambada")), tasks=parse_list(tasks, PAPER_TASKS),
-                            limit=limit, seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, seed=seed,
-                            offline=not online, dtype=dtype, device=device)
+            settings = {"ppl_sources": parse_list(ppl, ("wikipedia", "lambada")),
+                        "tasks": parse_list(tasks, PAPER_TASKS), "limit": limit, "seqlen": seqlen,
+                        "max_tokens": max_tokens, "batch_size": batch_size, "seed": seed, "offline": not online,
+                        "dtype": dtype, "device": device}
             card = write_results(model, result, settings, progress=not quiet)
             typer.echo(f"model card updated: {card}", err=True)
     except _user_errors() as exc:

@@ -295,7 +295,7 @@ def compress(
         )
         loop_started = time.perf_counter()
         if opts.refit:
-            ctx.cache  # the refit's targets are the original model's boundaries: capture them first
+            _ = ctx.cache  # the refit's targets are the original model's boundaries: capture them first
         run(ctx, target)
         loop_seconds = time.perf_counter() - loop_started
         finalize_model(ctx)

@@ -267,8 +267,8 @@ def run_recipe(path: str | Path, out: str | None = None, progress: bool = True, 
 
         e = recipe.eval
         tasks = list(PAPER_TASKS) if e.tasks == "all" else ([] if e.tasks == "none" else e.tasks)
-        settings = dict(ppl_sources=e.ppl, tasks=tasks, limit=e.limit, seqlen=e.seqlen, max_tokens=e.max_tokens,
-                        batch_size=e.batch_size, seed=recipe.seed)
+        settings = {"ppl_sources": e.ppl, "tasks": tasks, "limit": e.limit, "seqlen": e.seqlen,
+                    "max_tokens": e.max_tokens, "batch_size": e.batch_size, "seed": recipe.seed}
         eval_file = run / "eval.json"
         eval_settings = {"of": str(final), "after": _state(run).get("distill" if recipe.distill else "compress"),
                          **settings, "update_card": e.update_card}

@@ -15,18 +15,18 @@ MODEL_TYPES = {"gemma3": "gemma3_text"}
 def tiny_config(family: str = "llama", **overrides):
     from transformers import AutoConfig
 
-    base = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
+    base = {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
     if family in ("qwen2", "qwen3"):
         base.update(max_window_layers=4, use_sliding_window=False)
     if family == "gemma3":
