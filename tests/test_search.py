@@ -1,6 +1,7 @@
 """come-search: loss-guided merge-or-drop equals a brute-force search and never walks into a dead end."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -142,11 +143,33 @@ def test_deletion_candidates_are_the_layers_of_lowest_skip_error_or_bi(rank):
     assert [c["layer"] for c in step["candidates"] if c["op"] == "delete"] == lowest
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("rank", ["loss", "error+loss"])
+def test_the_loss_screen_is_sleb_s_score_of_every_layer(rank):
+    model = tiny_model("llama", seed=13, num_hidden_layers=8)
+    layers = list(adapter_for(model.config).layers(copy.deepcopy(model)))
+    # The screen: the loss on the first 2 sequences of the model without layer k, nothing refitted.
+    ids = TOKENS[:2]
+    brute = {k: _with_layers(model, layers[:k] + layers[k + 1:])(input_ids=ids, labels=ids, use_cache=False).loss.item()
+             for k in range(1, 8)}  # layer 0 is protected
+    result = _search(model, 7, refit=False, search_samples=SAMPLES, search_deletions=4, search_deletion_rank=rank,
+                     search_screen_samples=2)
+    step = result.plan["steps"][0]
+    screen = {int(k): v for k, v in step["screen_loss"].items()}
+    assert set(screen) == set(brute)
+    for k, loss in brute.items():
+        assert screen[k] == pytest.approx(loss, rel=1e-4), k
+    by_loss = sorted(brute, key=lambda k: (screen[k], k))
+    by_error = sorted(range(1, 8), key=lambda k: (step["skip_error"][k], k))
+    expected = by_loss[:4] if rank == "loss" else list(dict.fromkeys(x for pair in zip(by_error, by_loss) for x in pair))[:4]
+    assert [c["layer"] for c in step["candidates"] if c["op"] == "delete"] == expected
+
+
 def test_an_unknown_deletion_rank_is_an_error():
     from come.errors import InvalidTarget
 
-    with pytest.raises(InvalidTarget, match="search-deletion-rank must be one of error | bi"):
-        _search(tiny_model("llama", seed=11), 5, search_deletion_rank="loss")
+    with pytest.raises(InvalidTarget, match=re.escape("search-deletion-rank must be one of error | bi | loss | error+loss")):
+        _search(tiny_model("llama", seed=11), 5, search_deletion_rank="random")
 
 
 def test_a_candidate_whose_model_diverges_is_never_chosen_and_the_plan_stays_strict_json(monkeypatch):

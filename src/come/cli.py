@@ -119,6 +119,8 @@ def compress(
     search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
     search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
     search_deletion_rank: str = typer.Option(default("search_deletion_rank"), help=help_text("search_deletion_rank")),
+    search_screen_samples: int = typer.Option(default("search_screen_samples"), min=1,
+                                              help=help_text("search_screen_samples")),
     search_ratios: str = typer.Option(
         ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
         show_default=False,
@@ -182,6 +184,7 @@ def compress(
             search_windows=search_windows,
             search_deletions=search_deletions,
             search_deletion_rank=search_deletion_rank,
+            search_screen_samples=search_screen_samples,
             search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
             drop_layers=tuple(_ints(drop_layers, "--drop-layers")),
             replaceme_objective=replaceme_objective,

@@ -10,8 +10,10 @@ of these candidate operations on the current model:
   once for every first-layer share in `search_ratios`;
 - deletion of each of the `search_deletions` layers of lowest skip error (the
   distance to the original model at the end of the layer's span when it is
-  skipped; `search_deletion_rank=bi`: lowest block influence). The deleted span
-  goes to the layer before it, as in ShortGPT.
+  skipped; `search_deletion_rank=bi`: lowest block influence; `loss`: lowest
+  loss without refit on a few sequences, SLEB's score of every layer;
+  `error+loss`: in turn from both). The deleted span goes to the layer before
+  it, as in ShortGPT.
 
 The first `protect_first` original layers (default 1: layer 0, which reads the
 embeddings and is the most influential layer of every model we measured) are
@@ -60,9 +62,18 @@ def skip_errors(ctx) -> list[float]:
     return [ctx.cache.skip_error(k, ctx.records[k]["covers"][-1] + 1) for k in range(ctx.num_layers)]
 
 
-def deletion_candidates(ctx, bi, errors) -> list[int]:
-    """The `search_deletions` unprotected layers ranked first (ties: the lower index) by skip error, or by
-    block influence with `search_deletion_rank=bi`.
+def screen_losses(ctx) -> dict[int, float]:
+    """SLEB's score of every unprotected layer k: the calibration loss with k skipped and nothing refitted,
+    on the first `search_screen_samples` sequences (a cheap screen: (L - k) layers on a few sequences)."""
+    cache, samples = ctx.cache, ctx.options.search_screen_samples
+    return {k: cache.loss_through(k, cache.current_stack(k + 1), samples=samples)
+            for k in range(ctx.num_layers) if not ctx.protected(k) and ctx.num_layers > 1}
+
+
+def deletion_candidates(ctx, bi, errors, screen: dict[int, float] | None = None) -> list[int]:
+    """The `search_deletions` unprotected layers ranked first (ties: the lower index) by skip error, by
+    block influence (`search_deletion_rank=bi`), by the screen's loss (`loss`), or taken in turn from
+    the skip-error and the screen rankings (`error+loss`).
 
     Block influence compares a layer's input with its output on the *current* model, so it misses
     what earlier steps did: once a layer has absorbed a span (and been refitted), deleting its
@@ -70,8 +81,21 @@ def deletion_candidates(ctx, bi, errors) -> list[int]:
     that scored best among all deletions ranked 0-3 by skip error at every step, against 0-19 by BI.
     """
     eligible = [k for k in range(len(bi)) if not ctx.protected(k)]
-    score = errors if ctx.options.search_deletion_rank == "error" else bi.tolist()
-    return sorted(eligible, key=lambda k: (score[k], k))[: max(0, int(ctx.options.search_deletions))]
+    count, rank = max(0, int(ctx.options.search_deletions)), ctx.options.search_deletion_rank
+
+    def by(score) -> list[int]:
+        return sorted(eligible, key=lambda k: (score[k], k))
+
+    if rank in ("error", "bi"):
+        return by(errors if rank == "error" else bi.tolist())[:count]
+    if rank == "loss":
+        return by(screen)[:count]
+    chosen: list[int] = []
+    for pair in zip(by(errors), by(screen)):
+        for k in pair:
+            if len(chosen) < count and k not in chosen:
+                chosen.append(k)
+    return chosen
 
 
 class _Memo:
@@ -109,6 +133,7 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     bi = cache.block_influence()
     sbi = cache.window_distance(size, all_tokens=opts.sbi_tokens == "all")
     errors = skip_errors(ctx)
+    screen = screen_losses(ctx) if opts.search_deletion_rank in ("loss", "error+loss") else None
     scored, candidates = [], []
 
     # Merges.
@@ -138,7 +163,7 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
             candidates.append({"entry": entry, "layer": merged, "record": record, "refit": refit, "start": start})
 
     # Deletions: the span of layer k goes to the layer before it (after it, for layer 0).
-    for k in deletion_candidates(ctx, bi, errors):
+    for k in deletion_candidates(ctx, bi, errors, screen):
         if ctx.num_layers < 2:
             break
         owner = k - 1 if k > 0 else 1
@@ -174,6 +199,7 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
         "bi": [round(v, 6) for v in bi.tolist()],
         "sbi": [round(v, 6) for v in sbi.tolist()],
         "skip_error": [round(v, 6) for v in errors],
+        **({"screen_loss": {k: round(v, 6) for k, v in screen.items()}} if screen is not None else {}),
         "candidates": scored,
         "chosen": chosen["entry"],
         "best_deletion_loss": min((c["loss"] for c in scored if c["op"] == "delete"), default=None),
