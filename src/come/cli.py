@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
-from .options import default, help_text  # light: one definition of every compression option
+from .options import choice_enum, default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -21,25 +20,14 @@ app = typer.Typer(
 )
 
 
-class NormMode(str, Enum):
-    fold = "fold"
-    mean = "mean"
-
-
-class OutputNorm(str, Enum):
-    scale = "scale"
-    mean = "mean"
-
-
-class SbiTokens(str, Enum):
-    last = "last"
-    all = "all"
-
-
-class Storage(str, Enum):
-    auto = "auto"
-    ram = "ram"
-    disk = "disk"
+# Choices of the Literal options, from their one definition in options.py.
+NormMode = choice_enum("norm")
+OutputNorm = choice_enum("output_norm")
+SbiTokens = choice_enum("sbi_tokens")
+Storage = choice_enum("activation_storage")
+SearchLoss = choice_enum("search_loss")
+DeletionRank = choice_enum("search_deletion_rank")
+ReplacemeObjective = choice_enum("replaceme_objective")
 
 
 def _fail(message: str) -> None:
@@ -113,12 +101,13 @@ def compress(
     sbi_tokens: SbiTokens = typer.Option(default("sbi_tokens"), help=help_text("sbi_tokens")),
     granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
     search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
-    search_loss: Optional[str] = typer.Option(None, help=help_text("search_loss")),
+    search_loss: Optional[SearchLoss] = typer.Option(None, help=help_text("search_loss")),
     refit: Optional[bool] = typer.Option(None, help=help_text("refit")),
     refit_damping: str = typer.Option(default("refit_damping"), help=help_text("refit_damping")),
     search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
     search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
-    search_deletion_rank: str = typer.Option(default("search_deletion_rank"), help=help_text("search_deletion_rank")),
+    search_deletion_rank: DeletionRank = typer.Option(default("search_deletion_rank"),
+                                                      help=help_text("search_deletion_rank")),
     search_screen_samples: int = typer.Option(default("search_screen_samples"), min=1,
                                               help=help_text("search_screen_samples")),
     search_ratios: str = typer.Option(
@@ -126,7 +115,8 @@ def compress(
         show_default=False,
     ),
     drop_layers: str = typer.Option("", help=help_text("drop_layers") + " Comma list.", show_default=False),
-    replaceme_objective: str = typer.Option(default("replaceme_objective"), help=help_text("replaceme_objective")),
+    replaceme_objective: ReplacemeObjective = typer.Option(default("replaceme_objective"),
+                                                           help=help_text("replaceme_objective")),
     replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
@@ -178,16 +168,16 @@ def compress(
             sbi_tokens=sbi_tokens.value,
             granularity=granularity,
             search_samples=search_samples,
-            search_loss=search_loss,
+            search_loss=search_loss.value if search_loss is not None else None,
             refit=refit,
             refit_damping=refit_damping,
             search_windows=search_windows,
             search_deletions=search_deletions,
-            search_deletion_rank=search_deletion_rank,
+            search_deletion_rank=search_deletion_rank.value,
             search_screen_samples=search_screen_samples,
             search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
             drop_layers=tuple(_ints(drop_layers, "--drop-layers")),
-            replaceme_objective=replaceme_objective,
+            replaceme_objective=replaceme_objective.value,
             replaceme_blocks=replaceme_blocks,
             progress=not quiet,
         )

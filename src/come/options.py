@@ -85,6 +85,15 @@ def help_text(name: str) -> str:
     return OPTION_FIELDS[name].metadata["help"]
 
 
+def choice_enum(name: str):
+    """A str Enum of a Literal option's values, for CLIs that list choices (typer): the choices stay
+    defined once, here."""
+    from enum import Enum
+
+    values = get_args(get_type_hints(CompressionOptions)[name])
+    return Enum("".join(part.title() for part in name.split("_")), {v: v for v in values}, type=str)
+
+
 def resolve_options(method_defaults: dict, options: dict) -> CompressionOptions:
     """Options given (None means "not given") over the method's defaults over the global ones."""
     from .errors import InvalidTarget
