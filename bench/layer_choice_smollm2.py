@@ -45,13 +45,13 @@ def main() -> None:
     for text in args.sets:
         layers = parse_set(text)
         loaded = load_model(None)
-        result = compress(loaded, target_layers=len(loaded.model.model.layers) - len(layers), method="drop",
+        result = compress(loaded, target_layers=loaded.model.config.num_hidden_layers - len(layers), method="drop",
                           drop_layers=tuple(layers), refit=True, nsamples=128, seqlen=128, progress=False)
         losses = {}
         with torch.no_grad():
             for name, ids in (("scored", tokens[: args.scored]), ("others", tokens[args.scored : args.scored + args.others])):
                 losses[name] = result.model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        rows.append({"deleted": text, "layers": len(result.model.model.layers), "loss_scored": round(losses["scored"], 4),
+        rows.append({"deleted": text, "layers": result.model.config.num_hidden_layers, "loss_scored": round(losses["scored"], 4),
                      "loss_others": round(losses["others"], 4)})
         print(rows[-1], flush=True)
     lines = [

@@ -16,7 +16,7 @@ from come.testing import tiny_model, tiny_tokens
 TOKENS = tiny_tokens(nsamples=8, seqlen=32)
 SAMPLES = 4
 EVERYTHING = {"search_windows": 10, "search_deletions": 10, "search_ratios": (0.25, 0.5, 0.75), "search_samples": SAMPLES,
-                  "protect_first": 0}
+              "protect_first": 0}
 
 
 def _search(model, target, **options):

@@ -37,6 +37,7 @@ from ..errors import MergeError
 from . import register
 from .come import bi_ratios, merge_with_ratios
 from .come_p import candidate_ratios
+from .sleb import removal_losses
 
 
 def ratio_vectors(bi, start: int, size: int, shares) -> list[tuple[str, list[float]]]:
@@ -65,9 +66,8 @@ def skip_errors(ctx) -> list[float]:
 def screen_losses(ctx) -> dict[int, float]:
     """SLEB's score of every unprotected layer k: the calibration loss with k skipped and nothing refitted,
     on the first `search_screen_samples` sequences (a cheap screen: (L - k) layers on a few sequences)."""
-    cache, samples = ctx.cache, ctx.options.search_screen_samples
-    return {k: cache.loss_through(k, cache.current_stack(k + 1), samples=samples)
-            for k in range(ctx.num_layers) if not ctx.protected(k) and ctx.num_layers > 1}
+    eligible = [k for k in range(ctx.num_layers) if not ctx.protected(k)]
+    return dict(zip(eligible, removal_losses(ctx, eligible, samples=ctx.options.search_screen_samples)))
 
 
 def deletion_candidates(ctx, bi, errors, screen: dict[int, float] | None = None) -> list[int]:

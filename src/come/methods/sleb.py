@@ -13,11 +13,14 @@ from tqdm.auto import tqdm
 from . import register
 
 
-def removal_losses(ctx) -> list[float]:
-    """Calibration loss of the current model with each layer k deleted."""
-    cache, samples = ctx.cache, ctx.options.search_samples
+def removal_losses(ctx, layers=None, samples: int | None = None) -> list[float]:
+    """Calibration loss of the current model with each layer k of `layers` (default: every layer) deleted,
+    on the first `samples` sequences (default: `search_samples`)."""
+    cache = ctx.cache
+    samples = ctx.options.search_samples if samples is None else samples
+    layers = range(ctx.num_layers) if layers is None else layers
     # Layers below k are unchanged, so feeding boundary h_k through layers k+1.. is the model without k.
-    return [cache.loss_through(k, cache.current_stack(k + 1), samples=samples) for k in range(ctx.num_layers)]
+    return [cache.loss_through(k, cache.current_stack(k + 1), samples=samples) for k in layers]
 
 
 @register(
