@@ -7,6 +7,7 @@ Used to tell a search failure (a better set by the search's own objective that i
 objective that disagrees with held-out evaluation.
 
     python bench/layer_choice_smollm2.py --sets "12-18,20" "5,12-18" --results bench/results/layer_choice_smollm2
+    python bench/layer_choice_smollm2.py --sets "12-18,20" "5,12-18" --score-seqlen 512 --results bench/results/layer_choice_smollm2_512
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", required=True, help='layer sets such as "5,12-18"')
     parser.add_argument("--scored", type=int, default=16, help="sequences the search scores (come-search: 16)")
     parser.add_argument("--others", type=int, default=48, help="further calibration sequences, never scored")
+    parser.add_argument("--score-seqlen", type=int, default=128,
+                        help="length of the scored windows (come-search: 128, its calibration length); other lengths "
+                             "draw other calibration windows, to ask whether the window length changes the preferred set")
     parser.add_argument("--results", default=str(HERE / "results" / "layer_choice_smollm2"))
     args = parser.parse_args()
 
@@ -40,18 +44,20 @@ def main() -> None:
     from come.data import calibration_tokens
     from come.models import load_model
 
-    tokens = calibration_tokens(load_model(None).tokenizer, "wikipedia", 128, 128)
-    rows = []
+    rows, tokens = [], None
     for text in args.sets:
         layers = parse_set(text)
-        loaded = load_model(None)
+        loaded = load_model(None)  # compress changes the model it is given: a fresh copy per set
+        if tokens is None:
+            # 128 windows at least: at 128 tokens these are exactly the default's calibration sequences
+            tokens = calibration_tokens(loaded.tokenizer, "wikipedia", max(128, args.scored + args.others), args.score_seqlen)
         result = compress(loaded, target_layers=loaded.model.config.num_hidden_layers - len(layers), method="drop",
                           drop_layers=tuple(layers), refit=True, nsamples=128, seqlen=128, progress=False)
         losses = {}
         with torch.no_grad():
             for name, ids in (("scored", tokens[: args.scored]), ("others", tokens[args.scored : args.scored + args.others])):
                 losses[name] = result.model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        rows.append({"deleted": text, "layers": result.model.config.num_hidden_layers, "loss_scored": round(losses["scored"], 4),
+        rows.append({"deleted": text, "score_seqlen": args.score_seqlen, "layers": result.model.config.num_hidden_layers, "loss_scored": round(losses["scored"], 4),
                      "loss_others": round(losses["others"], 4)})
         print(rows[-1], flush=True)
     lines = [
@@ -59,8 +65,9 @@ def main() -> None:
         "",
         f"Command: `{_results.command_line()}`  ",
         f"Machine: {_results.machine(torch.get_num_threads())}.  ",
-        f"Calibration: 128 x 128 Wikipedia tokens (seed 0); loss on the first {args.scored} sequences (those "
-        f"come-search scores) and on the next {args.others}.",
+        f"Refit calibration: 128 x 128 Wikipedia tokens (seed 0). Loss on {args.scored + args.others} calibration windows "
+        f"of {args.score_seqlen} tokens (seed 0): the first {args.scored} (at 128 tokens, the sequences come-search "
+        f"scores) and the next {args.others}.",
         "",
         "| deleted original layers | layers | loss, scored sequences | loss, other sequences |",
         "|---|---|---|---|",
