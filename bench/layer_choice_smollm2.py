@@ -8,6 +8,7 @@ objective that disagrees with held-out evaluation.
 
     python bench/layer_choice_smollm2.py --sets "12-18,20" "5,12-18" --results bench/results/layer_choice_smollm2
     python bench/layer_choice_smollm2.py --sets "12-18,20" "5,12-18" --score-seqlen 512 --results bench/results/layer_choice_smollm2_512
+    python bench/layer_choice_smollm2.py --sets "12-18,20" "5,12-18" --score-source lambada --results bench/results/layer_choice_smollm2_lambada
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     parser.add_argument("--score-seqlen", type=int, default=128,
                         help="length of the scored windows (come-search: 128, its calibration length); other lengths "
                              "draw other calibration windows, to ask whether the window length changes the preferred set")
+    parser.add_argument("--score-source", default="wikipedia",
+                        help="text of the scored windows (its calibration split): wikipedia, the search's own, or lambada, "
+                             "to ask whether the preferred set depends on the domain")
     parser.add_argument("--results", default=str(HERE / "results" / "layer_choice_smollm2"))
     args = parser.parse_args()
 
@@ -50,14 +54,14 @@ def main() -> None:
         loaded = load_model(None)  # compress changes the model it is given: a fresh copy per set
         if tokens is None:
             # 128 windows at least: at 128 tokens these are exactly the default's calibration sequences
-            tokens = calibration_tokens(loaded.tokenizer, "wikipedia", max(128, args.scored + args.others), args.score_seqlen)
+            tokens = calibration_tokens(loaded.tokenizer, args.score_source, max(128, args.scored + args.others), args.score_seqlen)
         result = compress(loaded, target_layers=loaded.model.config.num_hidden_layers - len(layers), method="drop",
                           drop_layers=tuple(layers), refit=True, nsamples=128, seqlen=128, progress=False)
         losses = {}
         with torch.no_grad():
             for name, ids in (("scored", tokens[: args.scored]), ("others", tokens[args.scored : args.scored + args.others])):
                 losses[name] = result.model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        rows.append({"deleted": text, "score_seqlen": args.score_seqlen, "layers": result.model.config.num_hidden_layers, "loss_scored": round(losses["scored"], 4),
+        rows.append({"deleted": text, "score_source": args.score_source, "score_seqlen": args.score_seqlen, "layers": result.model.config.num_hidden_layers, "loss_scored": round(losses["scored"], 4),
                      "loss_others": round(losses["others"], 4)})
         print(rows[-1], flush=True)
     lines = [
