@@ -69,9 +69,9 @@ def main() -> None:
         "",
         f"Command: `{_results.command_line()}`  ",
         f"Machine: {_results.machine(torch.get_num_threads())}.  ",
-        f"Refit calibration: 128 x 128 Wikipedia tokens (seed 0). Loss on {args.scored + args.others} calibration windows "
-        f"of {args.score_seqlen} tokens (seed 0): the first {args.scored} (at 128 tokens, the sequences come-search "
-        f"scores) and the next {args.others}.",
+        f"Refit calibration: 128 x 128 Wikipedia tokens (seed 0). Loss on {args.scored + args.others} windows of "
+        f"{args.score_seqlen} tokens from the calibration split of {args.score_source} (seed 0): the first {args.scored} "
+        f"(for Wikipedia at 128 tokens, the sequences come-search scores) and the next {args.others}.",
         "",
         "| deleted original layers | layers | loss, scored sequences | loss, other sequences |",
         "|---|---|---|---|",
