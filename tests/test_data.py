@@ -173,3 +173,45 @@ def test_lambada_passages_split_in_halves():
     assert set(calib).isdisjoint(evals)
     # Passage 0 is context + continuation: the target word "signs" is its last word.
     assert calib[0].startswith("In my palm is a clear stone") and calib[0].endswith("I don't care about signs")
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def test_mixture_interleaves_equal_shares_of_each_part(smollm2_tokenizer, txt_source, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Another text, line {i}, with different words in it." for i in range(200)))
+    mix = f"{txt_source}+{other}"
+    seqlen = 16
+    a = calibration_tokens(smollm2_tokenizer, txt_source, nsamples=4, seqlen=seqlen, seed=3)
+    b = calibration_tokens(smollm2_tokenizer, str(other), nsamples=3, seqlen=seqlen, seed=3)
+    sample = calibration_tokens(smollm2_tokenizer, mix, nsamples=7, seqlen=seqlen, seed=3)
+    # Each part is drawn as if alone (the first part takes the remainder), rows alternate A B A B ...
+    assert torch.equal(sample, torch.stack([a[0], b[0], a[1], b[1], a[2], b[2], a[3]]))
+    assert torch.equal(sample, calibration_tokens(smollm2_tokenizer, mix, nsamples=7, seqlen=seqlen, seed=3))
+
+    assert load_documents(mix, "calib") == load_documents(txt_source) + load_documents(str(other))
+    head = eval_tokens(smollm2_tokenizer, mix, max_tokens=100)
+    assert torch.equal(head, torch.cat([eval_tokens(smollm2_tokenizer, txt_source, max_tokens=50),
+                                        eval_tokens(smollm2_tokenizer, str(other), max_tokens=50)]))
+    info = describe_source(mix, "calib")
+    assert info["kind"] == "mixture" and [p["kind"] for p in info["parts"]] == ["file", "file"]
+    assert json.loads(json.dumps(info)) == info
+
+
+def test_builtin_mixture_and_bad_mixtures(smollm2_tokenizer, tmp_path):
+    sample = calibration_tokens(smollm2_tokenizer, "wikipedia+lambada", nsamples=4, seqlen=32)
+    assert torch.equal(sample[0::2], calibration_tokens(smollm2_tokenizer, "wikipedia", nsamples=2, seqlen=32))
+    assert torch.equal(sample[1::2], calibration_tokens(smollm2_tokenizer, "lambada", nsamples=2, seqlen=32))
+    with pytest.raises(DataError, match="empty part"):
+        load_documents("wikipedia+")
+    with pytest.raises(DataError, match="twice"):
+        load_documents("wikipedia+wikipedia")
+    with pytest.raises(DataError, match="no such file"):
+        load_documents("wikipedia+./missing.txt")
+    with pytest.raises(DataError, match="one per part"):
+        calibration_tokens(smollm2_tokenizer, "wikipedia+lambada", nsamples=1, seqlen=32)
+    # A real path containing '+' is one file, not a mixture.
+    plus = tmp_path / "a+b.txt"
+    plus.write_text("\n\n".join(PARAGRAPHS))
+    assert load_documents(str(plus)) == PARAGRAPHS

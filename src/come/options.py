@@ -19,7 +19,8 @@ def _opt(default, help: str, **cli):
 
 @dataclass
 class CompressionOptions:
-    calib: str = _opt("wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online).")
+    calib: str = _opt("wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online) | "
+                                   "a mixture A+B (equal shares, e.g. wikipedia+lambada).")
     nsamples: int = _opt(32, "Calibration sequences. Default: the method's (come-search: 128; others: 32).", min=1)
     seqlen: int = _opt(512, "Tokens per calibration sequence. Default: the method's (come-search: 128; others: 512).",
                        min=2)
