@@ -9,7 +9,8 @@
 # calibration, 4 scored sequences), come-search-bi (the default before deletion candidates were ranked by skip
 # error: 3 lowest-BI layers), come-search-norefit (that, without output refit), come-search-wide (every
 # layer a deletion candidate, as in SLEB, and 8 scored sequences), come-search-kl (candidates scored by the
-# divergence from the original model's next-token distribution instead of cross-entropy). sleb-layers deletes
+# divergence from the original model's next-token distribution instead of cross-entropy), come-search-mix (calibrated
+# on wikipedia+lambada, half the windows from LAMBADA's calibration passages). sleb-layers deletes
 # the layers SLEB chose at 0.2 (5, 12-18) without its 40-minute search, for a paired comparison with
 # per-document scores (at 0.2 only: @0.2); sleb-layers+refit adds our refit to them. shortgpt+refit-s128
 # gives ShortGPT + refit come-search's 128 x 128 calibration (is the calibration shape the gain?). Distilled cells (LABEL+distill) train the
@@ -17,7 +18,7 @@
 # then 16 end-to-end steps of 4 x 512.
 set -euo pipefail
 exec come bench --out bench/results/smollm2_methods \
-  --methods dense,come-search,come-search-512:come-search,come-search-bi:come-search,come-search-norefit:come-search@0.2,come-search-wide:come-search@0.2,come-search-kl:come-search@0.2,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,sleb-layers:drop@0.2,sleb-layers+refit:drop@0.2,shortgpt+refit-s128:shortgpt@0.2,taylor+,replaceme,replaceme-cosine:replaceme,laco \
+  --methods dense,come-search,come-search-512:come-search,come-search-bi:come-search,come-search-norefit:come-search@0.2,come-search-wide:come-search@0.2,come-search-kl:come-search@0.2,come-search-mix:come-search@0.2,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,sleb-layers:drop@0.2,sleb-layers+refit:drop@0.2,shortgpt+refit-s128:shortgpt@0.2,taylor+,replaceme,replaceme-cosine:replaceme,laco \
   --ratios 0.3,0.2,0.1 --limit 300 --ppl-max-tokens 32768 \
   --set come-search.nsamples=128 --set come-search.seqlen=128 --set come-search.search_samples=16 \
   --set come-search-512.search_samples=4 \
@@ -27,6 +28,7 @@ exec come bench --out bench/results/smollm2_methods \
   --set come-paper.allow_remerge=false \
   --set come-paper+refit.allow_remerge=false --set come-paper+refit.refit=true \
   --set come-search-kl.search_loss=kl --set come-search-kl.search_samples=4 \
+  --set come-search-mix.calib=wikipedia+lambada --set come-search-mix.nsamples=128 --set come-search-mix.seqlen=128 --set come-search-mix.search_samples=16 \
   --set shortgpt+refit.refit=true --set sleb.search_samples=8 --set sleb-layers.drop_layers=[5,12,13,14,15,16,17,18] \
   --set sleb-layers+refit.drop_layers=[5,12,13,14,15,16,17,18] --set sleb-layers+refit.refit=true \
   --set shortgpt+refit-s128.refit=true --set shortgpt+refit-s128.nsamples=128 --set shortgpt+refit-s128.seqlen=128 \
