@@ -131,7 +131,7 @@ def weight_stats(folder: Path) -> tuple[int, int]:
     params = size = 0
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 piece = f.get_slice(key)
                 n = 1
                 for d in piece.get_shape():
@@ -150,7 +150,7 @@ def run_measured(cmd: list[str], cap_bytes: int | None, env: dict) -> tuple[int,
             resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, preexec_fn=limit, env=env)
+    proc = subprocess.Popen(cmd, preexec_fn=limit, env=env)  # noqa: PLW1509 (single-threaded parent)
     _, status, usage = os.wait4(proc.pid, 0)
     return os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss / 1024
 
@@ -173,7 +173,7 @@ def same_weights(a: Path, b: Path) -> float | None:
         if index.is_file():
             return {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
         with safe_open(folder / "model.safetensors", framework="pt") as f:
-            return {k: folder / "model.safetensors" for k in f.keys()}
+            return {k: folder / "model.safetensors" for k in f.keys()}  # noqa: SIM118
 
     fa, fb = files(a), files(b)
     if fa.keys() != fb.keys():
@@ -227,11 +227,10 @@ def main() -> None:
     cap = int(args.cap_fraction * weight_bytes) if args.cap_fraction > 0 else None
     cap_note = ""
     idle, idle_rss = idle_process(env)
-    if cap is not None:
-        if cap < idle + 2**30:
-            cap_note = (f"capped runs skipped: {args.cap_fraction} x the weights is {cap / 2**30:.2f} GiB, below the "
-                        f"address space of an idle python+torch process ({idle / 2**30:.2f} GiB) + 1 GiB")
-            cap = None
+    if cap is not None and cap < idle + 2**30:
+        cap_note = (f"capped runs skipped: {args.cap_fraction} x the weights is {cap / 2**30:.2f} GiB, below the "
+                    f"address space of an idle python+torch process ({idle / 2**30:.2f} GiB) + 1 GiB")
+        cap = None
     runs = [
         ("layerwise", ["--layerwise"], None),
         ("layerwise, no boundary caching", ["--layerwise", "--no-incremental"], None),

@@ -53,7 +53,7 @@ def read_only_dir(path):
     permission bits), or a mode-0555 folder otherwise."""
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)  # noqa: PLW1510 (the return code is checked)
         if mounted.returncode != 0:
             pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
         try:
@@ -193,7 +193,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(model_dir, tmp_path):
             (tmp / "model.safetensors").write_bytes(b"partial")
             os.kill(os.getpid(), signal.SIGKILL)
     """)
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True)  # noqa: PLW1510 (the return code is checked)
     assert killed.returncode == -signal.SIGKILL
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")] + list(cache.iterdir())
     assert len(leftovers) == 2  # the half-written output and the work folder

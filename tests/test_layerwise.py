@@ -113,7 +113,7 @@ def test_disk_cache_equals_ram_and_is_cleaned_up(tmp_path):
     assert disk.plan["layers"] == ram.plan["layers"] and disk.plan["steps"] == ram.plan["steps"]
     for name in ("model.safetensors",):
         with safe_open(tmp_path / "ram" / name, "pt") as a, safe_open(tmp_path / "disk" / name, "pt") as b:
-            assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+            assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118
     assert list(cache.iterdir()) == []  # boundaries and merged layers are removed with the work folder
     # The in-memory mode can keep its activations on disk too, with the same result.
     in_memory_disk = _in_memory(src, target_layers=4, activation_storage="disk", cache_dir=str(cache))

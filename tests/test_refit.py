@@ -81,7 +81,7 @@ def _context_after_removal(model, removed, **options):
     adapter = adapter_for(model.config)
     opts = CompressionOptions(progress=False, batch_size=3, **options)
     ctx = CompressionContext(model, None, adapter, TOKENS, opts)
-    ctx.cache  # the teacher boundaries: the original model
+    _ = ctx.cache  # computes the teacher boundaries: the original model
     ctx.remove_layers(removed)
     return ctx
 

@@ -60,11 +60,11 @@ class Checkpoint:
         for file in files:
             try:
                 with safe_open(self.folder / file, framework="pt") as f:
-                    for name in f.keys():
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                         piece = f.get_slice(name)
                         self.file_of[name] = self.folder / file
                         self.info[name] = (tuple(piece.get_shape()), piece.get_dtype())
-            except Exception as exc:  # SafetensorError on damaged headers, OSError on missing shards
+            except Exception as exc:  # noqa: BLE001 SafetensorError on damaged headers, OSError on missing shards
                 raise ModelLoadError(f"cannot read the weights in {self.folder / file}: {str(exc).splitlines()[0]}") from None
 
 
@@ -211,7 +211,7 @@ class LazyLayers:
         from safetensors import safe_open
 
         with safe_open(entry.saved, framework="pt") as f:
-            specs = [(k, _TORCH_DTYPES[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+            specs = [(k, _TORCH_DTYPES[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()]  # noqa: SIM118
         return [(k, dtype, shape, self._saved_reader(entry.saved, k)) for k, dtype, shape in specs]
 
     def layer_state(self, entry: _Entry) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ def _from_gguf(path: Path, dtype: torch.dtype):
 
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except Exception as exc:  # the gguf reader raises plain ValueErrors, KeyErrors... on damaged files
+    except Exception as exc:  # noqa: BLE001 the gguf reader raises plain ValueErrors, KeyErrors... on damaged files
         raise ModelLoadError(f"cannot read {path} as a GGUF model: {_first_line(exc)}") from None
     adapter_for(config)  # fail before the slow dequantisation
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -324,7 +324,7 @@ def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", 
         model, report = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, attn_implementation="sdpa", output_loading_info=True
         )
-    except Exception as exc:  # safetensors, torch and transformers raise many kinds on damaged files
+    except Exception as exc:  # noqa: BLE001 safetensors, torch and transformers raise many kinds on damaged files
         raise ModelLoadError(f"cannot load the weights of {source or DEFAULT_MODEL!r}: {_first_line(exc)}") from None
     check_loading_report(report, source or DEFAULT_MODEL)
     local = isinstance(path, Path)

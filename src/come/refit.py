@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from torch import nn
@@ -68,7 +69,7 @@ class RidgeStats:
             self.tty += float(teacher.double().pow(2).sum())
         self.rows += x.shape[0]
 
-    def __iadd__(self, other: RidgeStats) -> RidgeStats:
+    def __iadd__(self, other: RidgeStats) -> Self:
         self.xtx += other.xtx
         self.xty += other.xty
         self.yty += other.yty

@@ -143,7 +143,7 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
                          for k in window}
         covers = [c for k in window for c in ctx.records[k]["covers"]]
         for name, ratios in ratio_vectors(bi, start, size, opts.search_ratios):
-            def build(ratios=ratios):
+            def build(ratios=ratios, start=start, sensitivities=sensitivities, covers=covers):
                 merged, record = merge_with_ratios(ctx, start, size, ratios, sensitivities)
                 refit = None
                 if opts.refit:
@@ -173,7 +173,8 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
             first = min(owner, k)  # where the changed part of the model starts: the refitted owner
             layer, refit = memo.get(
                 _window_key(ctx, "delete", sorted([owner, k])),
-                lambda: ctx.refit_candidate(first, ctx.layers[owner], covers=covers, kwargs=cache.layer_kwargs[owner]),
+                lambda first=first, owner=owner, covers=covers: ctx.refit_candidate(
+                    first, ctx.layers[owner], covers=covers, kwargs=cache.layer_kwargs[owner]),
             )
             stack = [(layer, cache.layer_kwargs[owner])] + cache.current_stack(max(owner, k) + 1)
         else:  # as SLEB: h_k fed to the layers after k
