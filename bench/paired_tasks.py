@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, required=True)
     args = parser.parse_args()
     a, b = per_doc(args.folder, args.a, args.ratio), per_doc(args.folder, args.b, args.ratio)
+    if paired_difference(a, b) is None:
+        raise SystemExit(f"{args.a} and {args.b} did not score the same tasks on the same documents (same --limit)")
     print(f"{args.a} minus {args.b} at {args.ratio} (paired, mean ± stderr):")
     print("| task | difference | average of the other tasks |\n|---|---|---|")
     for task in a:
