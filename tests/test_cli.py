@@ -42,6 +42,21 @@ def test_compress_then_eval(tiny_dir, tmp_path):
     numbers = json.loads(report.read_text())
     assert numbers["perplexity"]["wikipedia"]["tokens"] == 300 - 5  # 4 full windows + one of 44, one token less each
     assert numbers["layers"] == 4 and numbers["plan"]["method"] == "come-search"  # the default
+    # The plan's source is the reference by default: KL on the 4 full perplexity windows.
+    fid = numbers["fidelity"]["wikipedia"]
+    assert numbers["reference"]["path"] == str(tiny_dir) and fid["tokens"] == 4 * 64 and fid["kl"] > 0 and 0 <= fid["top1"] <= 1
+    args = ["eval", str(tiny_dir), "--ppl", "wikipedia", "--max-tokens", "300", "--seqlen", "64", "--tasks", "none", "-q"]
+    itself = runner.invoke(app, [*args, "--reference", str(tiny_dir), "--json", str(report)])
+    assert itself.exit_code == 0 and json.loads(report.read_text())["fidelity"]["wikipedia"]["kl"] < 1e-6
+    skipped = runner.invoke(app, ["eval", str(out), *args[2:], "--no-reference", "--json", str(report)])
+    assert skipped.exit_code == 0 and "fidelity" not in json.loads(report.read_text())
+
+
+def test_reference_with_another_vocabulary_is_refused(tiny_dir, tmp_path):
+    other = tmp_path / "other"
+    tiny_model("llama", vocab_size=300).save_pretrained(other)
+    result = runner.invoke(app, ["eval", str(tiny_dir), "--reference", str(other), "--tasks", "none", "--ppl", "wikipedia"])
+    assert result.exit_code == 2 and "error:" in result.output and "vocabulary" in result.output
 
 
 def _assert_clean_failure(result, out, pattern):

@@ -73,6 +73,10 @@ def _rows_of(evaluation: dict) -> dict[str, tuple[float, float | None, str]]:
     rows = {}
     for source, r in evaluation.get("perplexity", {}).items():
         rows[f"{source} perplexity"] = (r["ppl"], None, f"{r['tokens']} tokens, windows of {r['seqlen']}")
+        f = (evaluation.get("fidelity") or {}).get(source)
+        if f:
+            rows[f"{source} KL to the source model"] = (f["kl"], None, f"nats/token over {f['tokens']} tokens (0 for the source itself)")
+            rows[f"{source} top-1 agreement"] = (f["top1"], None, "share of positions where both pick the same next token")
     zs = evaluation.get("zero_shot")
     if zs:
         for task, r in zs["tasks"].items():
@@ -135,6 +139,7 @@ def model_card(plan: dict, evaluation: dict | None = None, dense: dict | None = 
         quality = (f"Measured with `come eval` (seed {evaluation.get('seed')}); ± is the standard error reported by "
                    "lm-evaluation-harness; the dense column is the source model under the same settings.\n\n"
                    + results_table(evaluation, dense))
+    distilled = _distillation_text(plan.get("distillation"))
     body = f"""
 # {plan['model'].get('name', 'model')} compressed with `come` ({plan['method']})
 
@@ -154,12 +159,23 @@ The full plan (sources of every layer, channels kept, scores and candidates at e
 `{PLAN_PICTURE}` draws it.
 
 ![plan]({PLAN_PICTURE})
-
+{distilled}
 | layer | original layers it stands for | how |
 |---|---|---|
 {rows}
 """
     return card_metadata(plan, evaluation).to_yaml().join(["---\n", "\n---\n"]) + body
+
+
+def _distillation_text(record: dict | None) -> str:
+    sel = (record or {}).get("selection")
+    if not sel:
+        return ""
+    kept = {"input": "the input model, unchanged (training did not lower the held-out KL)", "stage1": "the stage-1 result",
+            "stage2": f"stage 2 at step {(sel['candidates'].get('stage2') or {}).get('step')}"}[sel["chosen"]]
+    return (f"\nDistilled with `come distill` from its source model. Mean per-token KL to the source on "
+            f"{sel['heldout']['tokens']} held-out tokens (never trained on): {sel['kl_before']:.4f} before, "
+            f"{sel['kl_after']:.4f} after; the output is {kept}. Every check is in `metrics.jsonl`.\n")
 
 
 def write_card(folder: str | Path, plan: dict, evaluation: dict | None = None, dense: dict | None = None) -> None:

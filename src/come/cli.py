@@ -204,11 +204,16 @@ def eval_command(
         False, help="MODEL is a `come compress` folder: write the results, next to the dense model's under the same "
         "settings (cached), into its README.md (table + model-index metadata) and redraw come_plan.png.",
     ),
+    reference: Optional[str] = typer.Option(
+        None, help="Also report the mean per-token KL divergence from this model's next-token distribution, and top-1 "
+        "agreement, on the perplexity windows. Default: the source model named in MODEL's come_plan.json, if any.",
+    ),
+    no_reference: bool = typer.Option(False, "--no-reference", help="Skip the KL / agreement comparison."),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Evaluate a model: perplexity, zero-shot accuracy (lm-evaluation-harness) and speed."""
+    """Evaluate a model: perplexity, KL to its source model, zero-shot accuracy (lm-evaluation-harness) and speed."""
     if update_card and (model is None or not (Path(model) / "come_plan.json").is_file()):
         _fail(f"--update-card needs a folder written by come compress; {model!r} has no come_plan.json")
     try:
@@ -229,6 +234,7 @@ def eval_command(
             dtype=dtype,
             device=device,
             progress=not quiet,
+            reference=None if no_reference else (reference or "plan"),
         )
         if json_path is not None:
             write_json_atomic(json_path, result)
@@ -458,7 +464,15 @@ def distill_command(
     global_lr: float = typer.Option(2e-5, help="Stage-2 peak learning rate."),
     temperature: float = typer.Option(1.0, help="KD temperature."),
     hidden_weight: float = typer.Option(1.0, help="Stage-2 weight of the hidden-state alignment loss."),
-    train: str = typer.Option("merged", help="Stage-2 trainable parameters: merged layers | all."),
+    train: str = typer.Option("merged", help="Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all."),
+    lora: int = typer.Option(0, min=0, help="Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps "
+                             "instead of their weights; merged into the weights at the end (a standard checkpoint). 0: full weights."),
+    lora_alpha: float = typer.Option(0.0, min=0.0, help="LoRA alpha (scale alpha/R); 0 means 2 x R."),
+    heldout_tokens: int = typer.Option(8192, min=1, help="Held-out tokens (whole windows of --seqlen, never trained on) on which "
+                                       "the KL to the teacher judges every candidate; the output is the best one, the input itself "
+                                       "if training did not lower it."),
+    heldout_data: Optional[str] = typer.Option(None, help="Held-out text for that check. Default: --data, windows disjoint from training."),
+    eval_every: int = typer.Option(50, min=0, help="Stage-2 steps between held-out checks (0: only at the end)."),
     gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
     fsdp: bool = typer.Option(False, help="Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for models too big for one device."),
     warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
@@ -483,7 +497,8 @@ def distill_command(
             compressed, out, teacher=teacher, data=data, tokens=tokens, resume=resume, overwrite=overwrite,
             seqlen=seqlen, epochs=epochs, layers=layers, loss=loss, lr=lr, cache_dtype=cache_dtype,
             global_steps=global_steps, global_lr=global_lr, temperature=temperature, hidden_weight=hidden_weight,
-            train=train, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, warmup=warmup, batch_size=batch_size,
+            train=train, lora=lora, lora_alpha=lora_alpha, heldout_tokens=heldout_tokens, heldout_data=heldout_data,
+            eval_every=eval_every, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, warmup=warmup, batch_size=batch_size,
             grad_accum=grad_accum, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
             device=device, workers=workers, save_every=save_every, progress=not quiet,
         )
@@ -497,6 +512,16 @@ def distill_command(
     if summary["stage2"]:
         s2 = summary["stage2"]
         typer.echo(f"stage 2: KD loss {s2['initial_loss']:.4g} -> {s2['final_loss']:.4g} in {s2['steps']} steps", err=True)
+    sel = summary["selection"]
+    kept = {"input": "the input model, unchanged", "stage1": "the stage-1 result",
+            "stage2": f"stage 2 at step {(sel['candidates'].get('stage2') or {}).get('step')}"}[sel["chosen"]]
+    first, best = sel["candidates"]["input"], sel["candidates"][sel["chosen"]]
+    verdict = (f"held-out KL to the teacher {first['kl']:.4f} -> {best['kl']:.4f} nats/token, top-1 agreement "
+               f"{first['top1']:.1%} -> {best['top1']:.1%} ({sel['heldout']['tokens']} held-out tokens): kept {kept}")
+    if not sel["improved"]:
+        verdict = (f"training did not lower the held-out KL to the teacher ({first['kl']:.4f} nats/token): "
+                   "the output is the input model, unchanged")
+    typer.echo(verdict, err=True)
     typer.echo(f"{summary['seconds']:.1f} s, written to {summary['out']}", err=True)
 
 

@@ -49,6 +49,21 @@ def measure_speed(model, batch_size: int = 1, prompt_len: int = 128, new_tokens:
     }
 
 
+_NO_REFERENCE = object()
+
+
+def reference_source(plan: dict):
+    """The model a plan was made from, as load_model takes it (None: the default built-in), or _NO_REFERENCE when it is
+    not on this machine."""
+    model = plan.get("model") or {}
+    if model.get("builtin"):
+        return model["builtin"]
+    if model.get("kind") == "default":
+        return None
+    path = model.get("path")
+    return path if path and Path(path).exists() else _NO_REFERENCE
+
+
 def parse_list(value: str | None, all_values: tuple[str, ...]) -> list[str]:
     if value is None or value.strip().lower() in ("", "none"):
         return []
@@ -71,8 +86,13 @@ def evaluate(
     dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    reference=None,
 ) -> dict:
-    """Evaluate one model; returns a json-able dict with every number and its settings."""
+    """Evaluate one model; returns a json-able dict with every number and its settings.
+
+    `reference`: a model (folder, .gguf, built-in name) to compare next-token distributions with on
+    the perplexity windows (KL and top-1 agreement, see `fidelity`); "plan" means the source model
+    named in the folder's come_plan.json (skipped when the folder has none); None skips it."""
     from .data import eval_tokens
     from .export import PLAN_FILE, versions
     from .models import load_model
@@ -91,6 +111,17 @@ def evaluate(
     torch.manual_seed(seed)
     loaded = load_model(model_dir, dtype=dtype, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    ref_loaded = None
+    if reference is not None:
+        ref_source = reference
+        if reference == "plan":
+            plan_file = Path(loaded.source.get("path", "")) / PLAN_FILE
+            ref_source = reference_source(json.loads(plan_file.read_text())) if plan_file.is_file() else _NO_REFERENCE
+        if ref_source is not _NO_REFERENCE:
+            from .fidelity import check_same_vocabulary
+
+            ref_loaded = load_model(ref_source, dtype=dtype, device=device)
+            check_same_vocabulary(ref_loaded.model, model, ref_loaded.tokenizer, tokenizer)  # before any evaluation
     result: dict = {
         "model": loaded.source,
         "layers": model.config.num_hidden_layers,
@@ -104,9 +135,17 @@ def evaluate(
     if plan_path.is_file():
         plan = json.loads(plan_path.read_text())
         result["plan"] = {k: plan.get(k) for k in ("method", "original_layers", "final_layers", "removed_parameter_fraction")}
+    if ref_loaded is not None:
+        result["reference"] = ref_loaded.source
+        result["fidelity"] = {}
     for source in ppl_sources:
         tokens = eval_tokens(tokenizer, source, max_tokens=max_tokens)
         result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
+        if ref_loaded is not None:
+            from .fidelity import fidelity, windows_of
+
+            result["fidelity"][source] = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
+                                                  progress=progress, desc=f"KL to reference ({source})")
     if tasks:
         from .tasks import zero_shot
 
@@ -128,6 +167,10 @@ def print_report(result: dict) -> None:
     table.add_column("details")
     for source, r in result["perplexity"].items():
         table.add_row(f"ppl {source}", f"{r['ppl']:.3f}", f"{r['tokens']} tokens, seqlen {r['seqlen']}")
+        f = (result.get("fidelity") or {}).get(source)
+        if f:
+            table.add_row(f"KL to reference, {source}", f"{f['kl']:.4f}", f"nats/token over {f['tokens']} tokens, mean KL(reference || model)")
+            table.add_row(f"top-1 agreement, {source}", f"{f['top1']:.4f}", "share of positions where both pick the same next token")
     zs = result.get("zero_shot")
     if zs:
         for task, r in zs["tasks"].items():

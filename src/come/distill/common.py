@@ -137,12 +137,12 @@ def _layer_file(job: _Job, k: int, suffix: str) -> Path:
     return job.dir / "stage1" / f"layer_{k:03d}{suffix}"
 
 
-def _apply_trained(student: nn.Module, job: _Job, stage2: bool = True) -> None:
-    """Load the finished stage-1 layers (and the stage-2 result) into `student`."""
+def _apply_trained(student: nn.Module, job: _Job, stage1: bool = True, stage2: bool = True) -> None:
+    """Load the finished stage-1 layers and/or the kept stage-2 result into `student`."""
     from safetensors.torch import load_file
 
     layers = adapter_for(student.config).layers(student)
-    for k in job.stage1_layers:
+    for k in job.stage1_layers if stage1 else ():
         if _layer_file(job, k, ".safetensors").is_file():
             layers[k].load_state_dict(load_file(_layer_file(job, k, ".safetensors")))
     final = job.dir / "stage2" / "final.pt"

@@ -10,6 +10,7 @@ from ..models import DTYPES
 METRICS_FILE = "metrics.jsonl"
 LOSSES = ("mse", "cosine", "kl")
 SELECTIONS = ("merged", "all")
+TRAIN_CHOICES = ("merged", "neighbours", "all")  # stage 2: merged layers, those and the layers next to them, or all
 
 
 class DistillError(ComeError, ValueError):
@@ -39,9 +40,16 @@ class DistillOptions:
     global_lr: float = 2e-5
     temperature: float = 1.0
     hidden_weight: float = 1.0
-    train: str = "merged"  # parameters trained in stage 2: merged layers | all
+    train: str = "merged"  # parameters trained in stage 2: merged layers | neighbours | all
+    lora: int = 0  # stage 2: train rank-r LoRA adapters (merged into the weights at the end) instead of full weights
+    lora_alpha: float = 0.0  # LoRA scale alpha / r; 0 means alpha = 2 r
     gradient_checkpointing: bool = False
     fsdp: bool = False  # stage 2 with workers > 1: shard the student with FSDP2 instead of replicating it (DDP)
+    # held-out fidelity (KL to the teacher): judged before training, after stage 1, every eval_every stage-2 steps
+    # and at the end; the output is the best of these, the input model itself when training did not help
+    heldout_tokens: int = 8192
+    heldout_data: str | None = None  # default: --data, in windows disjoint from the training ones
+    eval_every: int = 50  # stage-2 steps between held-out checks (0: only at the end)
     # both stages
     warmup: float = 0.05  # fraction of the steps
     batch_size: int = 8
@@ -61,13 +69,21 @@ _RUN_CONTROL = ("workers", "save_every", "progress")
 
 
 def _check_options(o: DistillOptions) -> None:
-    choices = {"loss": LOSSES, "layers": SELECTIONS + ("none",), "train": SELECTIONS, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
+    choices = {"loss": LOSSES, "layers": SELECTIONS + ("none",), "train": TRAIN_CHOICES, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise DistillError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")
     for name in ("seqlen", "epochs", "batch_size", "grad_accum", "workers", "save_every"):
         if not isinstance(getattr(o, name), int) or getattr(o, name) < (2 if name == "seqlen" else 1):
             raise DistillError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(o, name)!r}")
+    if not isinstance(o.heldout_tokens, int) or o.heldout_tokens < 1:
+        raise DistillError(f"--heldout-tokens must be a positive integer, got {o.heldout_tokens!r}")
+    if not isinstance(o.eval_every, int) or o.eval_every < 0:
+        raise DistillError(f"--eval-every must be an integer >= 0, got {o.eval_every!r}")
+    if not isinstance(o.lora, int) or o.lora < 0 or o.lora_alpha < 0:
+        raise DistillError(f"--lora must be an integer >= 0 and --lora-alpha >= 0, got {o.lora!r} and {o.lora_alpha!r}")
+    if o.lora and o.fsdp:
+        raise DistillError("--lora trains small adapters on a whole model per worker: use it without --fsdp")
     if o.global_steps < 0 or not 0 <= o.warmup < 1 or o.temperature <= 0 or o.lr <= 0 or o.global_lr <= 0:
         raise DistillError("need --global-steps >= 0, 0 <= --warmup < 1, and positive --temperature, --lr, --global-lr")
 

@@ -30,15 +30,55 @@ from .common import (
     _step,
     _summarize,
 )
+from .select import check, read_selection
 
 
 # -- stage 2 -----------------------------------------------------------------------
-def _stage2_parameters(student: nn.Module, job: _Job) -> list[tuple[str, nn.Parameter]]:
+def _stage2_layers(job: _Job) -> list[int]:
+    """Decoder layers stage 2 trains: merged ones, those and their neighbours, or all."""
+    n = len(job.plan_layers)
+    merged = {k for k, rec in enumerate(job.plan_layers) if _is_merged(rec)}
     if job.options.train == "all":
+        return list(range(n))
+    if job.options.train == "neighbours":
+        merged |= {j for k in merged for j in (k - 1, k + 1) if 0 <= j < n}
+    return sorted(merged)
+
+
+def _stage2_parameters(student: nn.Module, job: _Job) -> list[tuple[str, nn.Parameter]]:
+    if job.options.train == "all" and not job.options.lora:
         return list(student.named_parameters())
     prefix = adapter_for(student.config).layers_path
-    chosen = {f"{prefix}.{k}." for k, rec in enumerate(job.plan_layers) if _is_merged(rec)}
-    return [(n, p) for n, p in student.named_parameters() if any(n.startswith(c) for c in chosen)]
+    chosen = tuple(f"{prefix}.{k}." for k in _stage2_layers(job))
+    if job.options.lora:
+        return _add_lora(student, chosen, job)
+    return [(n, p) for n, p in student.named_parameters() if n.startswith(chosen)]
+
+
+def _add_lora(student: nn.Module, prefixes: tuple[str, ...], job: _Job) -> list[tuple[str, nn.Parameter]]:
+    """Rank-r LoRA adapters (PEFT) on every linear map of the chosen layers, in place; returns the adapter parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    o = job.options
+    targets = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefixes)]
+    torch.manual_seed(_seed(o.seed, "lora"))  # the adapters' initialisation
+    config = LoraConfig(r=o.lora, lora_alpha=o.lora_alpha or 2 * o.lora, lora_dropout=0.0, target_modules=targets)
+    get_peft_model(student, config)  # injects the adapters into `student` itself
+    return [(n, p) for n, p in student.named_parameters() if "lora_" in n]
+
+
+@torch.no_grad()
+def lora_merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name of an adapted weight in the plain model: base weight + its LoRA delta}: what merging writes."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            merged[f"{name}.weight"] = (base.weight + delta).detach().cpu().contiguous()
+    return merged
 
 
 def _stage2_rows(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -89,11 +129,14 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
 
 def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
     final, checkpoint = job.dir / "stage2" / "final.pt", job.dir / "stage2" / "checkpoint.pt"
-    if final.is_file():
+    best_file, summary = job.dir / "stage2" / "best.pt", job.dir / "stage2" / "summary.json"
+    if summary.is_file():  # written last: stage 2 is done
         return
     o = job.options
+    selection = read_selection(job.dir)
+    start = selection.get("stage2_start", "input")
     teacher, student = models or _load_models(job, rank, world)
-    _apply_trained(student, job, stage2=False)
+    _apply_trained(student, job, stage1=start == "stage1", stage2=False)
     adapter = adapter_for(student.config)
     device = next(student.parameters()).device
     tokens = torch.load(job.dir / "tokens.pt")
@@ -117,7 +160,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     params = [dict(student.named_parameters())[n] for n in names]  # after sharding: FSDP's DTensor parameters
     opt, sched = _optimizer(params, o.global_lr, o, o.global_steps)
-    progress = {"step": 0, "losses": []}
+    progress = {"step": 0, "losses": [], "best": {"step": 0, **selection["candidates"][start]}}
     if saved is not None:
         if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
             from torch.distributed.checkpoint.state_dict import (
@@ -175,6 +218,15 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
             bar.set_postfix(kd=f"{kd:.4g}", hidden=f"{hidden:.3g}")
             if rank == 0:
                 _log(job.dir, {"stage": 2, "layer": None, "step": progress["step"], "loss": loss, "kd": kd, "hidden": hidden, "lr": lr})
+            if (o.eval_every and progress["step"] % o.eval_every == 0) or progress["step"] == o.global_steps:
+                # Every rank runs the check (an FSDP forward needs all of them) and so reaches the same verdict.
+                result = check(job, teacher, student, "stage2", progress["step"], log=rank == 0)
+                student.train()
+                if result["kl"] < progress["best"]["kl"]:
+                    progress["best"] = result
+                    kept = lora_merged_weights(student) if o.lora else _full_state(student, opt, names, fsdp, optimizer=False)[0]
+                    if rank == 0:
+                        _save_atomic(kept, best_file)
             if progress["step"] % o.save_every == 0 and progress["step"] < o.global_steps and (rank == 0 or fsdp):
                 trainable, opt_state = _full_state(student, opt, names, fsdp)  # FSDP: gathered by every rank
                 if rank == 0:
@@ -187,11 +239,12 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         bar.close()
     if o.gradient_checkpointing:
         _set_checkpointing(student, False)
-    trainable = _full_state(student, opt, names, fsdp, optimizer=False)[0] if rank == 0 or fsdp else None
     student.eval().requires_grad_(False)
     if rank == 0:
-        write_json_atomic(job.dir / "stage2" / "summary.json", _summarize(progress["losses"]))
-        _save_atomic(trainable, final)
+        best = progress["best"] if progress["best"]["step"] > 0 else None  # None: no check beat the start
+        if best is not None:
+            best_file.replace(final)
+        write_json_atomic(summary, {**_summarize(progress["losses"]), "start": start, "best": best})
         checkpoint.unlink(missing_ok=True)
 
 

@@ -1,0 +1,136 @@
+"""Recovery ablation: which distillation settings lower the held-out KL to the dense model most per CPU-minute.
+
+Every config distils the same compressed model (e.g. `come compress --ratio 0.3 --out runs/c03`) from the
+built-in SmolLM2-135M with its own options, and records the held-out KL before and after (come distill's
+own check: windows of the Wikipedia calib split never trained on), wall and CPU seconds. Resumable: a
+config whose result file exists is skipped. Results: RESULTS.md / RESULTS.csv / RESULTS_cells/*.json.
+
+    python bench/recovery_smollm2.py runs/c03 --configs s2-merged,s2-all-kd --steps 40 --batch-size 2 \
+        --results bench/results/recovery_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Named option sets (DistillOptions fields); every config gets the same token budget from the command line.
+CONFIGS = {
+    "s1-mse": {"layers": "merged", "loss": "mse", "lr": 1e-4},  # stage 1 only (each merged layer, teacher-forced)
+    "s1-mse+s2": {"layers": "merged", "loss": "mse", "lr": 1e-4, "stage2": True, "train": "merged", "global_lr": 1e-4},
+    "s2-merged": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 1.0},
+    "s2-merged-kd": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 0.0},
+    "s2-neighbours-kd": {"layers": "none", "stage2": True, "train": "neighbours", "global_lr": 1e-4, "hidden_weight": 0.0},
+    "s2-all-kd": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0},
+    "s2-all-kd-lr3e-4": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-4, "hidden_weight": 0.0},
+    "s2-all-kd-lr3e-5": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-5, "hidden_weight": 0.0},
+    "s2-all-kd-seq256": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0, "seqlen": 256},
+    "s2-lora16-kd": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 1e-3, "hidden_weight": 0.0},
+    "s2-lora16-kd-lr3e-4": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-4, "hidden_weight": 0.0},
+}
+
+
+def run_config(name: str, compressed: Path, work: Path, args) -> dict:
+    from come.distill import distill
+
+    opts = dict(CONFIGS[name])
+    stage2 = opts.pop("stage2", False)
+    seqlen = opts.pop("seqlen", args.seqlen)
+    step_tokens = args.batch_size * seqlen
+    budget = args.steps * args.batch_size * args.seqlen  # the same tokens for every config
+    if stage2:
+        opts["global_steps"] = max(1, budget // step_tokens)
+    # Stage 1 trains on `tokens` per layer; with stage 2 as well both share the budget's text.
+    out = work / name
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    summary = distill(compressed, out, tokens=budget, seqlen=seqlen, batch_size=args.batch_size, heldout_tokens=args.heldout_tokens,
+                      eval_every=args.eval_every, overwrite=True, progress=not args.quiet, seed=args.seed, **opts)
+    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+    sel = summary["selection"]
+    shutil.rmtree(out, ignore_errors=True)  # the model is not needed: the numbers are
+    return {
+        "config": name,
+        "options": {**CONFIGS[name], **opts},
+        "training_tokens": budget,
+        "kl_before": sel["kl_before"],
+        "kl_after": sel["kl_after"],
+        "kl_drop_pct": 100 * (1 - sel["kl_after"] / sel["kl_before"]),
+        "top1_before": sel["candidates"]["input"]["top1"],
+        "top1_after": sel["candidates"][sel["chosen"]]["top1"],
+        "nll_after": sel["candidates"][sel["chosen"]]["nll"],
+        "chosen": sel["chosen"],
+        "candidates": sel["candidates"],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "kl_drop_pct_per_cpu_min": 100 * (1 - sel["kl_after"] / sel["kl_before"]) / max(cpu / 60, 1e-9),
+    }
+
+
+def write_tables(results: Path, rows: list[dict], command: str) -> None:
+    cols = ["config", "training_tokens", "kl_before", "kl_after", "kl_drop_pct", "top1_before", "top1_after", "chosen", "wall_s", "cpu_s",
+            "kl_drop_pct_per_cpu_min"]
+    with open(results.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "# Recovery ablation on SmolLM2-135M (come-search, ratio 0.3)", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.  ",
+        "KL: mean per-token KL(dense || student) in nats on come distill's held-out windows (Wikipedia calib split, never "
+        "trained on). `chosen`: what the run returned (the lowest held-out KL among the input and every check). cpu_s: "
+        "process CPU time (all threads).", "",
+        "| config | options | tokens | KL before | KL after | KL drop % | top-1 before | top-1 after | chosen | wall s | CPU s | KL drop % per CPU-min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
+        lines.append(f"| {r['config']} | {opts} | {r['training_tokens']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['kl_drop_pct']:.1f} | "
+                     f"{r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['chosen']} | {r['wall_s']} | {r['cpu_s']} | "
+                     f"{r['kl_drop_pct_per_cpu_min']:.2f} |")
+    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("compressed", type=Path, help="a come compress output folder (its plan names the teacher)")
+    p.add_argument("--configs", default="s2-merged,s2-all-kd,s2-lora16-kd,s1-mse", help=f"comma list of: {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=40, help="token budget = steps x batch-size x seqlen, the same for every config")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--heldout-tokens", type=int, default=4096)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=Path("runs/recovery"))
+    p.add_argument("--results", type=Path, default=Path("bench/results/recovery_smollm2"))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"error: unknown config(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    cells = args.results.parent / (args.results.name + "_cells")
+    cells.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(sys.argv)
+    rows = []
+    for name in args.configs.split(","):
+        cell = cells / f"{name}-t{args.steps * args.batch_size * args.seqlen}.json"
+        if not cell.is_file():
+            row = run_config(name, args.compressed, args.work, args)
+            cell.write_text(json.dumps(row, indent=1))
+            print(f"{name}: KL {row['kl_before']:.4f} -> {row['kl_after']:.4f} ({row['kl_drop_pct']:.1f}%), {row['cpu_s']} CPU-s", flush=True)
+        rows.append(json.loads(cell.read_text()))
+        write_tables(args.results, rows, command)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
