@@ -74,14 +74,17 @@ def main() -> None:
 
         stage1 = workdir / f"{method}-stage1"
         start = time.perf_counter()
-        s1 = distill(compressed, stage1, tokens=args.tokens, seqlen=args.seqlen, loss=args.loss, overwrite=True)
+        # The settings of the committed results (distill's defaults before end-to-end LoRA became the default).
+        s1 = distill(compressed, stage1, tokens=args.tokens, seqlen=args.seqlen, loss=args.loss, overwrite=True, layers="merged",
+                     global_steps=0, batch_size=8)
         rows.append(measure(stage1, method, "stage 1", s1["stage1"]["tokens_per_layer"], time.perf_counter() - start))
 
         stage2 = workdir / f"{method}-stage2"
         start = time.perf_counter()
         global_tokens = args.global_steps * args.global_batch * args.seqlen
         s2 = distill(stage1, stage2, tokens=global_tokens, seqlen=args.seqlen, layers="none",
-                     global_steps=args.global_steps, batch_size=args.global_batch, overwrite=True)
+                     global_steps=args.global_steps, batch_size=args.global_batch, overwrite=True, train="merged", lora=0,
+                     global_lr=2e-5, hidden_weight=1.0)
         rows.append(measure(stage2, method, "stage 1 + 2", s2["stage2"]["tokens"], time.perf_counter() - start))
 
     dense_acc = rows[0]["avg_acc"]

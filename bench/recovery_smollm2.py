@@ -25,15 +25,15 @@ import torch
 
 # Named option sets (DistillOptions fields); every config gets the same token budget from the command line.
 CONFIGS = {
-    "s1-mse": {"layers": "merged", "loss": "mse", "lr": 1e-4},  # stage 1 only (each merged layer, teacher-forced)
-    "s1-mse+s2": {"layers": "merged", "loss": "mse", "lr": 1e-4, "stage2": True, "train": "merged", "global_lr": 1e-4},
-    "s2-merged": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 1.0},
-    "s2-merged-kd": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 0.0},
-    "s2-neighbours-kd": {"layers": "none", "stage2": True, "train": "neighbours", "global_lr": 1e-4, "hidden_weight": 0.0},
-    "s2-all-kd": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0},
-    "s2-all-kd-lr3e-4": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-4, "hidden_weight": 0.0},
-    "s2-all-kd-lr3e-5": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-5, "hidden_weight": 0.0},
-    "s2-all-kd-seq256": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0, "seqlen": 256},
+    "s1-mse": {"layers": "merged", "loss": "mse", "lr": 1e-4, "global_steps": 0},  # stage 1 only (each merged layer, teacher-forced)
+    "s1-mse+s2": {"layers": "merged", "loss": "mse", "lr": 1e-4, "stage2": True, "train": "merged", "global_lr": 1e-4, "lora": 0},
+    "s2-merged": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 1.0, "lora": 0},
+    "s2-merged-kd": {"layers": "none", "stage2": True, "train": "merged", "global_lr": 1e-4, "hidden_weight": 0.0, "lora": 0},
+    "s2-neighbours-kd": {"layers": "none", "stage2": True, "train": "neighbours", "global_lr": 1e-4, "hidden_weight": 0.0, "lora": 0},
+    "s2-all-kd": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0, "lora": 0},
+    "s2-all-kd-lr3e-4": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-4, "hidden_weight": 0.0, "lora": 0},
+    "s2-all-kd-lr3e-5": {"layers": "none", "stage2": True, "train": "all", "global_lr": 3e-5, "hidden_weight": 0.0, "lora": 0},
+    "s2-all-kd-seq256": {"layers": "none", "stage2": True, "train": "all", "global_lr": 1e-4, "hidden_weight": 0.0, "seqlen": 256, "lora": 0},
     "s2-lora16-kd": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 1e-3, "hidden_weight": 0.0},
     "s2-lora16-kd-lr3e-4": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-4, "hidden_weight": 0.0},
 }

@@ -15,7 +15,8 @@
 # per-document scores (at 0.2 only: @0.2); sleb-layers+refit adds our refit to them. shortgpt+refit-s128
 # gives ShortGPT + refit come-search's 128 x 128 calibration (is the calibration shape the gain?). Distilled cells (LABEL+distill) train the
 # compressed model with the budget of recipes/smollm2-come-0.3.yaml: 131,072 tokens per merged layer,
-# then 16 end-to-end steps of 4 x 512.
+# then 16 end-to-end steps of 4 x 512 (stage-1 merged layers, stage-2 merged layers at 2e-5 with hidden alignment, no LoRA:
+# distill's defaults when the cells were made, now spelled out; the cells' settings were migrated to name them).
 set -euo pipefail
 exec come bench --out bench/results/smollm2_methods \
   --methods dense,come-search,come-search-512:come-search,come-search-bi:come-search,come-search-norefit:come-search@0.2,come-search-wide:come-search@0.2,come-search-kl:come-search@0.2,come-search-mix:come-search@0.2,come-paper:come,come-paper+refit:come,shortgpt,shortgpt+refit:shortgpt,sleb,sleb-layers:drop@0.2,sleb-layers+refit:drop@0.2,shortgpt+refit-s128:shortgpt@0.2,taylor+,replaceme,replaceme-cosine:replaceme,laco \
@@ -35,4 +36,6 @@ exec come bench --out bench/results/smollm2_methods \
   --set laco.merge_size=4 --set laco.search_samples=8 \
   --set replaceme-cosine.replaceme_objective=cosine \
   --distill come-search,come-paper,shortgpt \
-  --distill-set tokens=131072 --distill-set global_steps=16 --distill-set batch_size=4 "$@"
+  --distill-set tokens=131072 --distill-set global_steps=16 --distill-set batch_size=4 \
+  --distill-set layers=merged --distill-set train=merged --distill-set global_lr=2e-5 --distill-set hidden_weight=1.0 \
+  --distill-set lora=0 "$@"

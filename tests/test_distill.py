@@ -15,7 +15,7 @@ from come.testing import tiny_model, tiny_tokens
 TRAIN = tiny_tokens(nsamples=16, seqlen=32, seed=1)
 HELD_OUT = tiny_tokens(nsamples=8, seqlen=32, seed=2)
 # 16 sequences in chunks of 4, 6 epochs: 24 steps per layer.
-SETTINGS = {"tokens": TRAIN, "heldout": HELD_OUT, "lr": 2e-3, "epochs": 6, "batch_size": 4, "warmup": 0.1, "seed": 3, "progress": False}
+SETTINGS = {"tokens": TRAIN, "heldout": HELD_OUT, "layers": "merged", "global_steps": 0, "lr": 2e-3, "epochs": 6, "batch_size": 4, "warmup": 0.1, "seed": 3, "progress": False}
 
 
 def char_tokenizer():
@@ -144,7 +144,7 @@ def test_stage2_lowers_kd_loss_with_gradient_checkpointing(setup):
     root, teacher_dir, compressed = setup
     out = root / "global"
     summary = distill(
-        compressed, out, teacher=teacher_dir, tokens=TRAIN, heldout=HELD_OUT, layers="none", global_steps=8, global_lr=3e-3,
+        compressed, out, teacher=teacher_dir, tokens=TRAIN, heldout=HELD_OUT, layers="none", global_steps=8, global_lr=3e-3, lora=0,
         batch_size=4, gradient_checkpointing=True, hidden_weight=0.5, progress=False,
     )
     assert summary["stage1"] is None and summary["stage2"]["steps"] == 8
@@ -171,7 +171,7 @@ def _stage2_curve(path):
 def test_stage2_fsdp_matches_ddp(setup, tmp_path):
     """FSDP2 (sharded student) and DDP (replicated) average the same gradients: the same run up to float order."""
     _root, teacher_dir, compressed = setup
-    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "batch_size": 2, "grad_accum": 2, "global_steps": 3, "global_lr": 3e-3, "workers": 2, "progress": False}
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "batch_size": 2, "grad_accum": 2, "global_steps": 3, "global_lr": 3e-3, "workers": 2, "train": "merged", "lora": 0, "progress": False}
     ddp = distill(compressed, tmp_path / "ddp", **run)
     fsdp = distill(compressed, tmp_path / "fsdp", fsdp=True, **run)
     assert fsdp["options"]["fsdp"] and fsdp["stage2"]["steps"] == 3 and fsdp["stage2"]["tokens"] == ddp["stage2"]["tokens"]
@@ -190,7 +190,7 @@ def test_stage2_fsdp_matches_ddp(setup, tmp_path):
 
 def test_stage2_fsdp_resume_and_single_worker_error(setup, tmp_path):
     _root, teacher_dir, compressed = setup
-    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "batch_size": 2, "global_steps": 4, "global_lr": 3e-3, "workers": 2, "fsdp": True, "train": "all"}
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "batch_size": 2, "global_steps": 4, "global_lr": 3e-3, "workers": 2, "fsdp": True, "train": "all", "lora": 0}
     run["progress"] = False
     with pytest.raises(DistillError, match="--workers 2 or more"):  # nothing to shard over: an error, not a silent DDP/plain run
         distill(compressed, tmp_path / "one", **{**run, "workers": 1})
@@ -221,7 +221,7 @@ def test_too_little_data_is_a_clear_error(setup, tmp_path):
     _root, teacher_dir, compressed = setup
     text = tmp_path / "small.txt"
     text.write_text("A short text.\n\nJust two paragraphs, far fewer than the tokens asked for.")
-    with pytest.raises(DataError, match=r"--tokens 10000 plus --heldout-tokens 8192: .*has only 72 tokens"):
+    with pytest.raises(DataError, match=r"--tokens 10000 plus --heldout-tokens 4096: .*has only 72 tokens"):
         distill(compressed, tmp_path / "out", teacher=teacher_dir, data=str(text), tokens=10_000, seqlen=32, progress=False)
 
 

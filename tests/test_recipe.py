@@ -88,7 +88,7 @@ def test_stages_are_skipped_when_their_settings_match(tiny_dir, tmp_path):  # no
 def test_a_killed_run_continues_at_the_stage_that_did_not_finish(tiny_dir, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     body = _base(tiny_dir, run)
-    body["distill"] = {"tokens": 4096, "seqlen": 32, "epochs": 40, "batch_size": 2, "save_every": 5}
+    body["distill"] = {"tokens": 4096, "seqlen": 32, "epochs": 40, "batch_size": 2, "save_every": 5, "layers": "merged", "global_steps": 0}
     recipe = _recipe(tmp_path, body)
     command = [sys.executable, "-m", "come.cli", "run", str(recipe), "-q"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

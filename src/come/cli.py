@@ -453,22 +453,23 @@ def distill_command(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; work state in OUT.partial/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model. Default: the original model named in come_plan.json."),
     data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset | a mixture A+B."),
-    tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (per layer and epoch in stage 1)."),
+    tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (stage 2 makes one pass over them unless --global-steps; stage 1 trains each layer on them)."),
     seqlen: int = typer.Option(512, min=2, help="Tokens per training sequence."),
     epochs: int = typer.Option(1, min=1, help="Stage-1 passes over the tokens."),
-    layers: str = typer.Option("merged", help="Stage-1 layers: merged (stand for >1 original layer) | all | none."),
+    layers: str = typer.Option("none", help="Stage-1 (per-layer, teacher-forced) layers: none (the default: end to end only) | merged (stand for >1 original layer) | all."),
     loss: str = typer.Option("mse", help="Stage-1 loss: mse (normalised) | cosine | kl (through the teacher's final norm and head)."),
     lr: float = typer.Option(1e-4, help="Stage-1 peak learning rate."),
     cache_dtype: str = typer.Option("bfloat16", help="Teacher hidden-state cache on disk: float32 | bfloat16 | float16."),
-    global_steps: int = typer.Option(0, min=0, help="Stage-2 (end-to-end logit KD) optimizer steps; 0 skips stage 2."),
-    global_lr: float = typer.Option(2e-5, help="Stage-2 peak learning rate."),
+    global_steps: Optional[int] = typer.Option(None, min=0, help="Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
+                                               "--tokens; 0 skips stage 2."),
+    global_lr: float = typer.Option(1e-3, help="Stage-2 peak learning rate (the default suits --lora adapters)."),
     temperature: float = typer.Option(1.0, help="KD temperature."),
-    hidden_weight: float = typer.Option(1.0, help="Stage-2 weight of the hidden-state alignment loss."),
-    train: str = typer.Option("merged", help="Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all."),
-    lora: int = typer.Option(0, min=0, help="Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps "
-                             "instead of their weights; merged into the weights at the end (a standard checkpoint). 0: full weights."),
+    hidden_weight: float = typer.Option(0.0, help="Stage-2 weight of the hidden-state alignment loss (0: logit KD alone)."),
+    train: str = typer.Option("all", help="Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all."),
+    lora: int = typer.Option(16, min=0, help="Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps "
+                             "instead of their weights; merged into the weights at the end (a standard checkpoint). 0: train the weights themselves (then use --global-lr near 1e-4)."),
     lora_alpha: float = typer.Option(0.0, min=0.0, help="LoRA alpha (scale alpha/R); 0 means 2 x R."),
-    heldout_tokens: int = typer.Option(8192, min=1, help="Held-out tokens (whole windows of --seqlen, never trained on) on which "
+    heldout_tokens: int = typer.Option(4096, min=1, help="Held-out tokens (whole windows of --seqlen, never trained on) on which "
                                        "the KL to the teacher judges every candidate; the output is the best one, the input itself "
                                        "if training did not lower it."),
     heldout_data: Optional[str] = typer.Option(None, help="Held-out text for that check. Default: --data, windows disjoint from training."),
@@ -476,7 +477,7 @@ def distill_command(
     gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
     fsdp: bool = typer.Option(False, help="Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for models too big for one device."),
     warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
-    batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
+    batch_size: int = typer.Option(2, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
     weight_decay: float = typer.Option(0.0),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping; 0 disables it."),

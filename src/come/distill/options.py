@@ -31,28 +31,30 @@ class DistillOptions:
     seqlen: int = 512
     epochs: int = 1
     # stage 1
-    layers: str = "merged"  # student layers to train: merged (covers > 1 original layer) | all | none (stage 2 only)
+    # Defaults: end to end only (stage 2, logit KD through rank-16 LoRA adapters on every layer), the setting that
+    # lowered the held-out KL most per CPU-minute in bench/results/recovery_smollm2.md; stage 1 stays available.
+    layers: str = "none"  # stage-1 layers: merged (covers > 1 original layer) | all | none (stage 2 only)
     loss: str = "mse"
     lr: float = 1e-4
     cache_dtype: str = "bfloat16"
     # stage 2
-    global_steps: int = 0
-    global_lr: float = 2e-5
+    global_steps: int | None = None  # None: one pass over the training tokens; 0 skips stage 2
+    global_lr: float = 1e-3  # for LoRA adapters; full-weight training (lora 0) measured best near 1e-4
     temperature: float = 1.0
-    hidden_weight: float = 1.0
-    train: str = "merged"  # parameters trained in stage 2: merged layers | neighbours | all
-    lora: int = 0  # stage 2: train rank-r LoRA adapters (merged into the weights at the end) instead of full weights
+    hidden_weight: float = 0.0
+    train: str = "all"  # layers trained in stage 2: merged | neighbours | all
+    lora: int = 16  # stage 2: train rank-r LoRA adapters (merged into the weights at the end) instead of full weights
     lora_alpha: float = 0.0  # LoRA scale alpha / r; 0 means alpha = 2 r
     gradient_checkpointing: bool = False
     fsdp: bool = False  # stage 2 with workers > 1: shard the student with FSDP2 instead of replicating it (DDP)
     # held-out fidelity (KL to the teacher): judged before training, after stage 1, every eval_every stage-2 steps
     # and at the end; the output is the best of these, the input model itself when training did not help
-    heldout_tokens: int = 8192
+    heldout_tokens: int = 4096
     heldout_data: str | None = None  # default: --data, in windows disjoint from the training ones
     eval_every: int = 50  # stage-2 steps between held-out checks (0: only at the end)
     # both stages
     warmup: float = 0.05  # fraction of the steps
-    batch_size: int = 8
+    batch_size: int = 2
     grad_accum: int = 1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -83,7 +85,10 @@ def _check_options(o: DistillOptions) -> None:
     if not isinstance(o.lora, int) or o.lora < 0 or o.lora_alpha < 0:
         raise DistillError(f"--lora must be an integer >= 0 and --lora-alpha >= 0, got {o.lora!r} and {o.lora_alpha!r}")
     if o.lora and o.fsdp:
-        raise DistillError("--lora trains small adapters on a whole model per worker: use it without --fsdp")
-    if o.global_steps < 0 or not 0 <= o.warmup < 1 or o.temperature <= 0 or o.lr <= 0 or o.global_lr <= 0:
+        raise DistillError("--fsdp shards the weights stage 2 trains, and LoRA adapters (--lora, on by default) are not sharded: "
+                           "pass --lora 0 with --fsdp")
+    if o.global_steps is not None and (not isinstance(o.global_steps, int) or o.global_steps < 0):
+        raise DistillError(f"--global-steps must be an integer >= 0, got {o.global_steps!r}")
+    if not 0 <= o.warmup < 1 or o.temperature <= 0 or o.lr <= 0 or o.global_lr <= 0:
         raise DistillError("need --global-steps >= 0, 0 <= --warmup < 1, and positive --temperature, --lr, --global-lr")
 

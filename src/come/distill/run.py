@@ -276,6 +276,8 @@ def distill(
     _check_compatible(teacher_model, student, plan)
     ids, held = _training_tokens(s_loaded.tokenizer, tokens, heldout, o, student.config.vocab_size)
     o.seqlen = int(ids.shape[1])
+    if o.global_steps is None:  # one pass over the training windows
+        o.global_steps = math.ceil(ids.shape[0] / (o.batch_size * o.grad_accum * world))
     stage1_layers = [k for k, rec in enumerate(plan["layers"]) if o.layers == "all" or (o.layers == "merged" and _is_merged(rec))]
     if not stage1_layers and o.global_steps == 0:
         raise DistillError("nothing to train: the plan has no merged layers; use --layers all or --global-steps")
