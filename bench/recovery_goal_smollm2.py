@@ -89,7 +89,10 @@ def main() -> None:
     ]
     for name, ev in (("dense", dense), ("compressed", comp), ("distilled", dist)):
         fid = ev.get("fidelity") or {}
-        kl = lambda s: f"{fid[s]['kl']:.4f}" if s in fid else ("0" if name == "dense" else "-")
+
+        def kl(source, fid=fid, name=name):
+            return f"{fid[source]['kl']:.4f}" if source in fid else ("0" if name == "dense" else "-")
+
         top1 = f"{fid['wikipedia']['top1']:.3f}" if "wikipedia" in fid else ("1" if name == "dense" else "-")
         zs = ev["zero_shot"]
         lines.append(f"| {name} | {kl('wikipedia')} | {kl('lambada')} | {top1} | {ev['perplexity']['wikipedia']['ppl']:.2f} | "
