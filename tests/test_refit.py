@@ -9,7 +9,16 @@ from come.adapters import adapter_for
 from come.methods.replaceme import block_sizes, fold
 from come.models import LoadedModel
 from come.pipeline import CompressionContext, CompressionOptions, compress
-from come.refit import DAMPING_GRID, HOLDOUT_EVERY, RidgeStats, choose_and_solve, collect_stats, ridge_path, ridge_solve
+from come.refit import (
+    DAMPING_GRID,
+    HOLDOUT_EVERY,
+    RidgeStats,
+    choose_and_solve,
+    collect_stats,
+    held_out_path,
+    ridge_path,
+    ridge_solve,
+)
 from come.testing import tiny_model, tiny_tokens
 
 TOKENS = tiny_tokens(nsamples=8, seqlen=32)
@@ -75,6 +84,53 @@ def test_auto_damping_is_chosen_on_held_out_rows_and_never_hurts_them():
     fit_rows, held_rows = _stats(x[:45], y[:45]), _stats(x[45:], -y[45:])
     kept = choose_and_solve(fit_rows, held_rows, w0, "auto")
     assert not kept.record["applied"] and kept.record["damping"] is None and torch.equal(kept.weight, w0)
+
+
+
+@pytest.mark.parametrize("rows", [300, 40])  # 40 rows < 48 inputs: a singular fit Z^T Z, only the damping makes it solvable
+def test_the_damping_grid_and_the_final_solve_equal_a_plain_float64_solve(rows):
+    """The grid is scored without forming any solution (one Cholesky solve per damping, the held-out
+    error expanded around W0) and the Gram matrix is formed from blocks: each must equal the plain
+    float64 solve (X^T X + lam I) W^T = X^T Y + lam W0^T and the errors of its solutions."""
+    g = torch.Generator().manual_seed(5)
+    d_in, d_out = 48, 6
+    # Inputs of very different sizes, as FFN activations are: an ill-conditioned X^T X.
+    x = torch.randn(rows, d_in, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, d_in, dtype=torch.float64)
+    y = x @ torch.randn(d_in, d_out, generator=g, dtype=torch.float64) + 0.5 * torch.randn(rows, d_out, generator=g, dtype=torch.float64)
+    w0 = 0.1 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    cut = rows * 3 // 4
+    fit, held = _stats(x[:cut], y[:cut]), _stats(x[cut:], y[cut:])
+
+    def reference(stats, damping):
+        lam = damping * stats.xtx.diagonal().mean()
+        eye = torch.eye(d_in, dtype=torch.float64)
+        return torch.linalg.solve(stats.xtx + lam * eye, stats.xty + lam * w0.T).T
+
+    def held_error(w):  # from the rows themselves, not from the statistics
+        return float(((x[cut:] @ w.T - y[cut:]) ** 2).sum())
+
+    scores = held_out_path(fit, held, w0, DAMPING_GRID)
+    for d in DAMPING_GRID:
+        torch.testing.assert_close(ridge_solve(fit, d, w0), reference(fit, d), rtol=1e-8, atol=1e-10)
+        assert scores[d] == pytest.approx(held_error(reference(fit, d)), rel=1e-9)
+    result = choose_and_solve(fit, held, w0, "auto")
+    best = min(DAMPING_GRID, key=lambda d: (scores[d], -d))
+    assert result.record["damping"] == best and result.record["applied"]
+    total = _stats(x, y)
+    torch.testing.assert_close(result.weight, reference(total, best), rtol=1e-8, atol=1e-10)
+    assert result.record["error_after"]["calibration"] == pytest.approx(
+        float(((x @ result.weight.T - y) ** 2).sum() / (y**2).sum()), rel=1e-9)
+    assert result.record["error_before"]["calibration"] == pytest.approx(float(((x @ w0.T - y) ** 2).sum() / (y**2).sum()), rel=1e-9)
+
+
+def test_a_wide_gram_matrix_from_blocks_equals_one_matmul():
+    g = torch.Generator().manual_seed(6)
+    for width in (96, 1024, 1500):  # one block; two; three of unequal width
+        x = torch.randn(200, width, generator=g)
+        stats = RidgeStats.zeros(width, 3)
+        stats.add(x, x[:, :3])
+        torch.testing.assert_close(stats.xtx, x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+        assert torch.equal(stats.xtx, stats.xtx.T)
 
 
 def _context_after_removal(model, removed, **options):

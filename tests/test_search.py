@@ -1,7 +1,9 @@
 """come-search: loss-guided merge-or-drop equals a brute-force search and never walks into a dead end."""
 
 import copy
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +209,61 @@ def test_come_search_calibrates_on_128_sequences_of_128_tokens_unless_told_other
     assert resolve_options(method_defaults("come-search"), {"nsamples": 32, "seqlen": 512}).seqlen == 512
     other = resolve_options(method_defaults("shortgpt"), {"nsamples": None, "seqlen": None})
     assert (other.nsamples, other.seqlen) == (32, 512)
+
+
+# -- the default's plans, recorded once: a faster solve path must pick exactly the same ---------------
+# The fixture holds {case: _default_plan(*PLAN_CASES[case])} as computed before that change; rewrite it
+# only for a change meant to alter what the default picks.
+PLANS_FIXTURE = Path(__file__).parent / "fixtures" / "come_search_plans.json"
+PLAN_CASES = {  # name: (family, model overrides)
+    **{family: (family, {}) for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3")},
+    # More FFN inputs (256) than fit rows (192): a singular Z^T Z, the damping alone makes it solvable.
+    "llama-wide": ("llama", {"intermediate_size": 256}),
+}
+
+
+def _default_plan(family, overrides):
+    """What the default picks on an 8-layer tiny model taken to 4 layers: every step's candidates and
+    choice, every candidate refit's damping (and its ranking of the grid), and the final layers
+    (covers, kept channels, refits)."""
+    from come.pipeline import CompressionContext
+
+    refits = []
+    original = CompressionContext.refit_candidate
+
+    def recording(self, *args, **kwargs):
+        layer, record = original(self, *args, **kwargs)
+        grid = record.get("held_out_errors", {})  # the grid ranked by held-out error, best first
+        refits.append([record["covers"], record["applied"], record["damping"], sorted(grid, key=lambda d: (grid[d], -float(d)))])
+        return layer, record
+
+    CompressionContext.refit_candidate = recording
+    try:
+        model = tiny_model(family, seed=21, num_hidden_layers=8, **overrides)
+        result = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4)
+    finally:
+        CompressionContext.refit_candidate = original
+
+    def op(c):
+        return [c["op"], c["window"] if c["op"] == "merge" else c["layer"], c["covers"]]
+
+    def merge(m):
+        return m and {"position": m["position"], "ratios": m.get("ratios"),
+                      "sources": [[s["covers"], s["kv_groups"], s["neurons"]] for s in m["sources"]]}
+
+    return {
+        "steps": [{"candidates": [op(c) for c in s["candidates"]], "chosen": op(s["chosen"])} for s in result.plan["steps"]],
+        "refits": refits,
+        "layers": [{"covers": layer["covers"], "merged": layer["merged"], "merge": merge(layer["merge"]),
+                    "refit": layer.get("refit") and [layer["refit"]["applied"], layer["refit"]["damping"]]}
+                   for layer in result.plan["layers"]],
+    }
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_the_default_picks_the_recorded_plan(case):
+    """Plans recorded before the refit's damping search was made cheaper (one Cholesky solve per damping
+    instead of an eigendecomposition): only the cost may change, never a merge, a deletion, a kept
+    channel or a damping."""
+    expected = json.loads(PLANS_FIXTURE.read_text())[case]
+    assert json.loads(json.dumps(_default_plan(*PLAN_CASES[case]))) == expected

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Self
 
 import torch
@@ -62,7 +63,7 @@ class RidgeStats:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, dtype)
         y = y.reshape(-1, y.shape[-1]).to(self.xtx.device, dtype)
-        self.xtx += (x.T @ x).double()
+        self.xtx += _gram(x).double()
         self.xty += (x.T @ y).double()
         self.yty += float(y.double().pow(2).sum())
         if teacher is not None:
@@ -87,20 +88,40 @@ class RidgeStats:
         return self.error(w) / max(self.tty, 1e-30)
 
 
+def _gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """x^T x from its blocks on and right of the diagonal, mirrored: a wide FFN's Gram matrix in about
+    half the products of one matmul. Each entry is the same dot product over the rows as in x.T @ x."""
+    n = x.shape[1]
+    count = min(8, n // block)
+    if count < 2:
+        return x.T @ x
+    edges = [round(i * n / count) for i in range(count + 1)]
+    out = x.new_empty(n, n)
+    for a, b in pairwise(edges):
+        strip = x[:, a:b].T @ x[:, a:]  # rows a..b-1, columns a..n-1
+        out[a:b, a:] = strip
+        out[b:, a:b] = strip[:, b - a :].T
+    return out
+
+
 def ridge_solve(stats: RidgeStats, damping: float, w0: torch.Tensor | None = None) -> torch.Tensor:
     """W (d_out x d_in) minimising ||x W^T - y||^2 + lam ||W - W0||^2, lam = damping * mean diag(X^T X)."""
-    d_in = stats.xtx.shape[0]
     lam = float(damping) * _scale(stats)
-    a = stats.xtx + lam * torch.eye(d_in, dtype=torch.float64, device=stats.xtx.device)
     b = stats.xty.clone()
     if w0 is not None and lam > 0:
         b += lam * w0.to(b.device, torch.float64).T
+    return _solve_shifted(stats.xtx, lam, b).T.contiguous()
+
+
+def _solve_shifted(xtx: torch.Tensor, lam: float, b: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """(X^T X + lam I)^-1 b by Cholesky; a system singular without damping gets the minimum-norm solution.
+    `work` (the shape of xtx), if given, is overwritten instead of allocating a d_in^2 copy per call."""
+    a = xtx.clone() if work is None else work.copy_(xtx)
+    a.diagonal().add_(lam)  # the same values as xtx + lam * I, without a d_in^2 identity
     try:
-        factor = torch.linalg.cholesky(a)
-        wt = torch.cholesky_solve(b, factor)
-    except RuntimeError:  # singular without damping: the minimum-norm solution
-        wt = torch.linalg.lstsq(a, b).solution
-    return wt.T.contiguous()
+        return torch.cholesky_solve(b, torch.linalg.cholesky(a))
+    except RuntimeError:
+        return torch.linalg.lstsq(a, b).solution
 
 
 def _scale(stats: RidgeStats) -> float:
@@ -117,6 +138,35 @@ def ridge_path(stats: RidgeStats, dampings, w0: torch.Tensor) -> dict:
     for d in dampings:
         lam = float(d) * scale
         out[d] = (q @ ((qtb + lam * qtw) / (evals.clamp_min(0) + lam)[:, None])).T.contiguous()
+    return out
+
+
+def _error_with(stats: RidgeStats, wt: torch.Tensor, xtx_wt: torch.Tensor) -> float:
+    """`stats.error` of W = wt^T, given the product X^T X wt."""
+    return float((wt * xtx_wt).sum() - 2 * (wt * stats.xty).sum() + stats.yty)
+
+
+def held_out_path(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, dampings) -> dict:
+    """{damping: held-out error of the solution fitted on `fit`}, without forming any solution.
+
+    The solution is W0 + D with (X^T X + lam I) D^T = X^T Y - X^T X W0^T, so its held-out error is
+    error(W0) + 2 <D^T, H W0^T - C> + <D^T, H D^T> (H, C: the held-out X^T X, X^T Y): one Cholesky
+    solve and one product per damping. `ridge_path` serves every damping from one eigendecomposition
+    instead, but a float64 eigh of a wide FFN's Z^T Z costs more than all the grid's factorisations,
+    and forming each W costs another product.
+    """
+    w0t = w0.to(fit.xtx.device, torch.float64).T
+    held_w0 = held_out.xtx @ w0t
+    return _held_out_path(fit, held_out, w0t, fit.xtx @ w0t, held_w0, _error_with(held_out, w0t, held_w0), dampings)
+
+
+def _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, dampings) -> dict:
+    r, g = fit.xty - fit_w0, held_w0 - held_out.xty
+    scale, work = _scale(fit), torch.empty_like(fit.xtx)
+    out = {}
+    for d in dampings:
+        delta = _solve_shifted(fit.xtx, float(d) * scale, r, work)
+        out[d] = held_error0 + float(2 * (delta * g).sum() + (delta * (held_out.xtx @ delta)).sum())
     return out
 
 
@@ -139,21 +189,24 @@ def choose_and_solve(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, da
     total = RidgeStats(fit.xtx.clone(), fit.xty.clone(), fit.yty, fit.tty, fit.rows)
     total += held_out
     has_held = held_out.rows > 0 and fit.rows > 0
-    before = {"calibration": total.relative_error(w0)}
+    # X^T X W0^T of both parts, formed once: the errors of W0 and the grid's right-hand side use them.
+    w0t = w0.to(fit.xtx.device, torch.float64).T
+    fit_w0, held_w0 = fit.xtx @ w0t, held_out.xtx @ w0t
+    held_error0 = _error_with(held_out, w0t, held_w0)
+    before = {"calibration": (_error_with(fit, w0t, fit_w0) + held_error0) / max(total.tty, 1e-30)}
     if has_held:
-        before["held_out"] = held_out.relative_error(w0)
+        before["held_out"] = held_error0 / max(held_out.tty, 1e-30)
     record: dict = {"target": "down_proj", "rows": total.rows, "held_out_rows": held_out.rows, "error_before": before}
     after: dict = {}
     if damping == "auto" and not has_held:
         damping_value = FALLBACK_DAMPING
         record["note"] = f"no held-out sequence: damping {FALLBACK_DAMPING} used"
     elif damping == "auto":
-        solutions = ridge_path(fit, DAMPING_GRID, w0)
-        scores = {d: held_out.error(w) for d, w in solutions.items()}
+        scores = _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, DAMPING_GRID)
         damping_value = min(DAMPING_GRID, key=lambda d: (scores[d], -d))  # ties: the stronger damping
         record["held_out_errors"] = {f"{d:g}": scores[d] / max(held_out.tty, 1e-30) for d in DAMPING_GRID}
         after["held_out"] = scores[damping_value] / max(held_out.tty, 1e-30)
-        if scores[damping_value] >= held_out.error(w0):  # the refit would not generalise: keep the layer
+        if scores[damping_value] >= held_error0:  # the refit would not generalise: keep the layer
             record.update(damping=None, applied=False, error_after=before)
             return RefitResult(w0.double(), record)
     else:
