@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from come.cli import app
-from come.gguf_export import permute_for_gguf
+from come.gguf_export import QWEN2_SPLIT, GGUFExportError, check_exportable, permute_for_gguf, pre_tokenizer_name
+from come.testing import tiny_config, tiny_model
 from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
 
 runner = CliRunner()
@@ -39,15 +40,89 @@ def test_export_round_trips_through_transformers(tiny_dir, tmp_path, qtype):  # 
     assert again.exit_code == 2 and "--overwrite" in again.output
 
 
-def test_export_refuses_what_it_cannot_write(tmp_path):
-    from come.testing import tiny_model
+def _saved(path, tokenizer, family, q_scale=1.0, **overrides):
+    model = tiny_model(family, vocab_size=len(tokenizer), **overrides)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(q_scale)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
-    tiny_model("qwen3").save_pretrained(tmp_path / "q")
-    result = runner.invoke(app, ["export-gguf", str(tmp_path / "q"), "--out", str(tmp_path / "q.gguf")])
-    assert result.exit_code == 2 and "supports" in result.output
-    result = runner.invoke(app, ["export-gguf", str(tmp_path / "q"), "--out", str(tmp_path / "x.gguf"), "--type", "q3"])
-    assert result.exit_code == 2 and "unknown GGUF type" in result.output
+
+@pytest.fixture(scope="module")
+def qwen_dirs(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("qwen")
+    # Odd layer counts, as a compressed model has. Qwen3 gets an explicit head_dim (4 x 128 != 64), as the
+    # real ones do; 128 because transformers' GGUF reader ignores qwen3.attention.key_length and falls
+    # back to Qwen3Config's default 128. tiny_model randomises the Qwen2 q/k/v biases; Qwen2's larger
+    # queries make its attention far from uniform, so a wrong q/k row order shows in the logits
+    # (Qwen3's q/k norms already do that).
+    return {"qwen2": _saved(root / "qwen2", smollm2_tokenizer, "qwen2", q_scale=16.0, num_hidden_layers=3),
+            "qwen3": _saved(root / "qwen3", smollm2_tokenizer, "qwen3", num_hidden_layers=5, head_dim=128)}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_export_round_trips_through_transformers(qwen_dirs, tmp_path, family, qtype):
+    from gguf import GGUFReader
+
+    folder, out = qwen_dirs[family], tmp_path / f"{family}-{qtype}.gguf"
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "--type", qtype, "-q"])
+    assert result.exit_code == 0, result.output
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = reference.config
+    reader = GGUFReader(out)
+    field = lambda key: reader.fields[f"{family}.{key}"].contents()
+    assert reader.fields["general.architecture"].contents() == family
+    assert field("block_count") == config.num_hidden_layers
+    assert field("attention.key_length") == field("attention.value_length") == field("rope.dimension_count") == config.head_dim
+    assert field("attention.head_count") == 4 and field("attention.head_count_kv") == 2
+    assert field("rope.freq_base") == config.rope_parameters["rope_theta"]
+    # The SmolLM2 tokenizer adds no BOS in transformers; llama.cpp is told so rather than left to its default.
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "default"
+    tensors = {t.name for t in reader.tensors}
+    extra = {"qwen2": {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"},
+             "qwen3": {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}}
+    assert extra[family] <= tensors and not (extra["qwen2" if family == "qwen3" else "qwen3"] & tensors)
+
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    assert loaded.config.model_type == family and loaded.config.num_hidden_layers == config.num_hidden_layers
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < TOLERANCE[qtype], diff
+
+
+def _assert_refused(result, tmp_path, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], result.output
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*gguf*"))
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path, smollm2_tokenizer):
+    folder = _saved(tmp_path / "g", smollm2_tokenizer, "gemma3")
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "g.gguf")])
+    _assert_refused(result, tmp_path, "GGUF export supports llama, mistral, qwen2, qwen3; gemma3_text is not supported yet")
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q3"])
+    _assert_refused(result, tmp_path, "unknown GGUF type")
+    # llama.cpp's qwen2 has no sliding window: such a file would attend too far.
+    folder = _saved(tmp_path / "s", smollm2_tokenizer, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "s.gguf")])
+    _assert_refused(result, tmp_path, "sliding-window attention")
+
+
+@pytest.mark.parametrize(("family", "overrides", "pattern"), [
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                   "original_max_position_embeddings": 64}}, "rope scaling 'yarn'"),
+    ("qwen3", {"attention_bias": True}, "attention biases"),
+])
+def test_configs_llama_cpp_would_run_differently_are_refused(family, overrides, pattern):
+    check_exportable(tiny_config(family))
+    with pytest.raises(GGUFExportError, match=pattern):
+        check_exportable(tiny_config(family, **overrides))
 
 
 @pytest.mark.slow
@@ -74,3 +149,11 @@ def test_llama_cpp_generates_the_same_greedy_tokens(tmp_path):
         if len(got) == 8 or token == llm.token_eos():  # transformers stops at the end of sequence too
             break
     assert got == expected
+
+
+def test_qwen_pre_tokenizer_is_named_for_llama_cpp():
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    qwen = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False}, byte_level]}}
+    assert pre_tokenizer_name(qwen) == "qwen2"
+    assert pre_tokenizer_name({"pre_tokenizer": dict(byte_level, use_regex=True)}) == "default"

@@ -4,10 +4,13 @@ Written with the `gguf` package (its writer, tensor-name map and quantisers): th
 model's hyper-parameters as `<arch>.*` keys, the tokenizer and chat template
 copied from the source GGUF when the model came from one (the built-in models
 do), otherwise built from `tokenizer.json` (byte-level BPE), then every tensor
-under its GGUF name. llama.cpp stores Llama's q/k rows in the interleaved rotary
-order of the original checkpoints, so those are permuted as its own converter
-does (and as transformers undoes when it reads a GGUF). Norms and other 1-D
-tensors stay float32; matrices take the requested type.
+under its GGUF name. llama.cpp ropes Llama in the interleaved order of the
+original checkpoints, so Llama's q/k rows are permuted as its own converter does
+(and as transformers undoes when it reads a GGUF); it ropes Qwen2/Qwen3 in HF's
+rotate-half order, so theirs are written as they are. Norms, biases and other
+1-D tensors stay float32; matrices take the requested type. What llama.cpp would
+run differently from transformers (sliding windows, rope scaling, Qwen3 attention
+biases) is refused rather than written.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import torch
 
 from .errors import ComeError
 
-# HF model type -> (GGUF architecture, q/k rows permuted for llama.cpp's rotary layout)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
+# HF model type -> (GGUF architecture, q/k rows permuted for llama.cpp's rotary layout).
+# llama.cpp's qwen2/qwen3 use the rotate-half (NEOX) rope of the HF weights: no permutation.
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False)}
 TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # GGUF general.file_type (llama_ftype) of each whole-file type.
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
@@ -43,6 +48,27 @@ def permute_for_gguf(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF's rotary-half row order -> llama.cpp's interleaved order (the inverse of transformers' reverse)."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _unsupported(model_type: str) -> GGUFExportError:
+    return GGUFExportError(f"GGUF export supports {', '.join(ARCHITECTURES)}; {model_type} is not supported yet")
+
+
+def check_exportable(config) -> None:
+    """Refuse what the GGUF architecture cannot express: llama.cpp would run it differently from transformers."""
+    if config.model_type not in ARCHITECTURES:
+        raise _unsupported(config.model_type)
+    arch = ARCHITECTURES[config.model_type][0]
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise GGUFExportError(f"{config.model_type} with sliding-window attention cannot be exported: "
+                              f"llama.cpp's {arch} architecture has no sliding window")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise GGUFExportError(f"rope scaling {rope_type!r} is not written to GGUF yet; only default rope is exported")
+    if config.model_type == "qwen3" and getattr(config, "attention_bias", False):
+        # llama.cpp's qwen3 graph adds no q/k/v biases: they would be dropped.
+        raise GGUFExportError("qwen3 with attention biases cannot be exported: llama.cpp's qwen3 has none")
 
 
 def _source_gguf(folder: Path) -> Path | None:
@@ -72,7 +98,22 @@ def _copy_tokenizer_fields(writer, source: Path) -> None:
             writer.add_key_value(key, value, kind)
 
 
-def _tokenizer_from_files(writer, folder: Path) -> None:
+# The pre-tokenizer split of Qwen2/Qwen3's tokenizer, which llama.cpp knows as "qwen2".
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def pre_tokenizer_name(spec: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer of a tokenizer.json; "default" when it is not one it is known to match."""
+    stack, patterns = [spec.get("pre_tokenizer") or {}], set()
+    while stack:
+        node = stack.pop()
+        stack.extend(node.get("pretokenizers") or [])
+        if node.get("type") == "Split":
+            patterns.add((node.get("pattern") or {}).get("Regex"))
+    return "qwen2" if QWEN2_SPLIT in patterns else "default"
+
+
+def _tokenizer_from_files(writer, folder: Path, tokenizer=None) -> None:
     """A byte-level BPE tokenizer.json as GGUF tokenizer fields ("gpt2" model)."""
     from gguf import TokenType
 
@@ -93,7 +134,7 @@ def _tokenizer_from_files(writer, folder: Path) -> None:
         types[idx] = TokenType.CONTROL if text in special else TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -104,6 +145,11 @@ def _tokenizer_from_files(writer, folder: Path) -> None:
         token = token.get("content") if isinstance(token, dict) else token
         if token in vocab:
             add(vocab[token])
+    if tokenizer is not None:  # llama.cpp's BOS/EOS defaults are per tokenizer type: say what HF does
+        plain = tokenizer("a", add_special_tokens=False).input_ids
+        full = tokenizer("a").input_ids
+        writer.add_add_bos_token(tokenizer.bos_token_id is not None and full[:1] == [tokenizer.bos_token_id] != plain[:1])
+        writer.add_add_eos_token(tokenizer.eos_token_id is not None and full[-1:] == [tokenizer.eos_token_id] != plain[-1:])
     template = folder / "chat_template.jinja"
     if template.is_file():
         writer.add_chat_template(template.read_text())
@@ -126,10 +172,16 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
         raise GGUFExportError(f"{out} exists; pass --overwrite to replace it")
     check_not_source(out, [folder])
     check_writable(out.parent, "output")
+    config_file = folder / "config.json"
+    try:  # an unsupported family is refused before its weights are read; a bad config is load_model's to report
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if isinstance(model_type, str) and model_type not in ARCHITECTURES:
+        raise _unsupported(model_type)
     loaded = load_model(str(folder), dtype="float32")
     model, config = loaded.model, loaded.model.config
-    if config.model_type not in ARCHITECTURES:
-        raise GGUFExportError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {config.model_type!r}")
+    check_exportable(config)
     arch, permute = ARCHITECTURES[config.model_type]
     n_layers = config.num_hidden_layers
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
@@ -148,6 +200,8 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(config.num_attention_heads)
         writer.add_head_count_kv(config.num_key_value_heads)
+        # Qwen3's head_dim need not be hidden_size / heads: llama.cpp reads it from key/value_length, and
+        # its qwen2/qwen3 graphs require the rope dimension to equal it (whole heads are rotated).
         writer.add_rope_dimension_count(head_dim)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -160,7 +214,7 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
         if source is not None:
             _copy_tokenizer_fields(writer, source)
         else:
-            _tokenizer_from_files(writer, folder)
+            _tokenizer_from_files(writer, folder, loaded.tokenizer)
 
         state = model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
