@@ -341,3 +341,57 @@ def test_output_may_not_overwrite_a_cached_builtin_model(tmp_path, monkeypatch):
     assert source_paths(None) == [cached] and source_paths("smollm2-135m") == [cached]
     _assert_error(_compress("--ratio", "0.3", "--out", cached, "--overwrite"), "would overwrite the model")
     assert cached.is_dir()
+
+
+@contextmanager
+def read_only_view(src, path):
+    """`src`'s files, seen read-only at `path` (a read-only bind mount as root, a mode-0555 copy otherwise)."""
+    import shutil
+
+    if os.geteuid() == 0:
+        path.mkdir(parents=True)
+        steps = [["mount", "--bind", str(src), str(path)], ["mount", "-o", "remount,bind,ro", str(path)]]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True)  # noqa: PLW1510 (the return code is checked)
+            if done.returncode != 0:
+                subprocess.run(["umount", str(path)], check=False, capture_output=True)
+                pytest.skip(f"running as root and cannot bind-mount read-only: {done.stderr.decode().strip()}")
+        try:
+            yield path
+        finally:
+            subprocess.run(["umount", str(path)], check=False)
+    else:
+        shutil.copytree(src, path)
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+
+
+def test_eval_checks_every_file_it_writes_before_evaluating(model_dir, tmp_path, monkeypatch):
+    import come.evaluate
+
+    calls = []
+    monkeypatch.setattr(come.evaluate, "evaluate", lambda *a, **k: calls.append(1))  # must not be reached
+    args = ["eval", "--ppl", "wikipedia", "--tasks", "none", "-q"]
+    with read_only_dir(tmp_path / "ro") as ro:
+        _assert_error(runner.invoke(app, [*args, str(model_dir), "--json", str(ro / "r.json")]), "not writable")
+    _assert_error(runner.invoke(app, [*args, str(model_dir), "--json", str(tmp_path)]), "is a folder")
+    out = tmp_path / "compressed"
+    assert _compress(model_dir, "--target-layers", "4", "--out", out).exit_code == 0
+    with read_only_view(out, tmp_path / "view") as view:
+        _assert_error(runner.invoke(app, [*args, str(view), "--update-card"]), "not writable")
+    assert calls == []
+
+
+def test_a_recipe_whose_model_is_missing_leaves_no_run_folder(tmp_path):
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    run = tmp_path / "runs" / "r"
+    recipe.write_text(yaml.safe_dump({"model": str(tmp_path / "no-such-model"), "out": str(run),
+                                      "compress": {"method": "shortgpt", "target_layers": 2}}))
+    result = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert not run.exists()

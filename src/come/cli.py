@@ -218,7 +218,15 @@ def eval_command(
         _fail(f"--update-card needs a folder written by come compress; {model!r} has no come_plan.json")
     try:
         from .evaluate import evaluate, parse_list, print_report
-        from .outputs import write_json_atomic
+        from .outputs import check_writable, write_json_atomic
+
+        # Every file this command writes is checked before the evaluation, not after it.
+        if json_path is not None:
+            if json_path.is_dir():
+                _fail(f"--json {json_path} is a folder; give a file path")
+            check_writable(json_path.expanduser().resolve().parent, "--json")
+        if update_card:
+            check_writable(Path(model), "model card")
 
         result = evaluate(
             model,
@@ -406,7 +414,7 @@ def export_gguf_command(
     overwrite: bool = typer.Option(False, help="Replace an existing file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Write MODEL as a GGUF file for llama.cpp / ollama (Llama and Mistral families)."""
+    """Write MODEL as a GGUF file for llama.cpp / ollama (Llama, Mistral, Qwen2 and Qwen3 families)."""
     try:
         from .gguf_export import export_gguf
 

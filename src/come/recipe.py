@@ -219,7 +219,17 @@ def run_recipe(path: str | Path, out: str | None = None, progress: bool = True, 
     recipe, compression, distill_options = load_recipe(path, out)
     run = Path(recipe.out).expanduser().resolve()
     check_writable(run, "run")
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_stages(recipe, compression, distill_options, run, progress, log)
+    except BaseException:
+        if created and not any(run.iterdir()):  # a run that failed before writing anything leaves no empty folder
+            run.rmdir()
+        raise
+
+
+def _run_stages(recipe, compression: dict, distill_options: dict, run: Path, progress: bool, log) -> dict:
     outputs: dict[str, str] = {}
 
     # 1. compress
@@ -276,7 +286,7 @@ def run_recipe(path: str | Path, out: str | None = None, progress: bool = True, 
             log(f"[run] eval: done already ({eval_file}), skipped")
         else:
             log(f"[run] eval of {final}")
-            result = evaluate(str(final), progress=progress, **settings)
+            result = evaluate(str(final), progress=progress, reference="plan", **settings)  # + KL to the source model
             if e.update_card:
                 update_card(final, result, settings, progress=progress)
             write_json_atomic(eval_file, result)
