@@ -23,12 +23,12 @@ import torch
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5, "winogrande": 0.5}
 
 
-def _eval(model: Path, tasks: bool, args) -> dict:
+def _eval(model: Path, tasks: bool, args, ppl: bool = True) -> dict:
     from come.evaluate import evaluate
     from come.tasks import PAPER_TASKS
 
-    return evaluate(str(model), ppl_sources=["wikipedia", "lambada"], tasks=list(PAPER_TASKS) if tasks else [], limit=args.limit,
-                    max_tokens=args.ppl_tokens, seed=0, progress=not args.quiet, reference="plan")
+    return evaluate(str(model), ppl_sources=["wikipedia", "lambada"] if ppl else [], tasks=list(PAPER_TASKS) if tasks else [],
+                    limit=args.limit, max_tokens=args.ppl_tokens, seed=0, progress=not args.quiet, reference="plan" if ppl else None)
 
 
 def main() -> None:
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--dense-cell", type=Path, default=Path("bench/results/smollm2_methods/cells/dense.json"))
     p.add_argument("--compressed-cell", type=Path, default=None)
     p.add_argument("--results", type=Path, default=Path("bench/results/recovery_goal_smollm2"))
+    p.add_argument("--only", choices=["compressed", "distilled"], help="compute (and cache) this model's evaluation only, then stop: "
+                   "run both at once in two processes")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     cache = args.results.parent / (args.results.name + "_evals")
@@ -54,14 +56,21 @@ def main() -> None:
         return json.loads(path.read_text())
 
     dense = json.loads(args.dense_cell.read_text())["evaluation"]
-    comp = cached("compressed", lambda: _eval(args.compressed, args.compressed_cell is None, args))
+    if args.only != "distilled":
+        comp = cached("compressed", lambda: _eval(args.compressed, False, args))
+        if args.compressed_cell is None:
+            comp = {**comp, "zero_shot": cached("compressed-tasks", lambda: _eval(args.compressed, True, args, ppl=False))["zero_shot"]}
+    if args.only == "compressed":
+        return
+    dist = cached("distilled", lambda: _eval(args.distilled, True, args))
+    if args.only == "distilled":
+        return
     if args.compressed_cell is not None:
         cell = json.loads(args.compressed_cell.read_text())["evaluation"]
         ours, theirs = comp["perplexity"]["wikipedia"]["ppl"], cell["perplexity"]["wikipedia"]["ppl"]
         if not math.isclose(ours, theirs, rel_tol=1e-4):
             raise SystemExit(f"error: {args.compressed} is not the cell's model (wikipedia perplexity {ours:.4f} vs {theirs:.4f})")
         comp["zero_shot"] = cell["zero_shot"]
-    dist = cached("distilled", lambda: _eval(args.distilled, True, args))
     record = json.loads((args.distilled / "come_plan.json").read_text())["distillation"]
 
     def skill(ev: dict, tasks) -> float:

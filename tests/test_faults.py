@@ -395,3 +395,11 @@ def test_a_recipe_whose_model_is_missing_leaves_no_run_folder(tmp_path):
     result = runner.invoke(app, ["run", str(recipe), "-q"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert not run.exists()
+
+
+def test_export_gguf_onto_a_folder_is_refused_before_writing(model_dir, tmp_path):
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    result = runner.invoke(app, ["export-gguf", str(model_dir), "--out", str(folder), "--overwrite"])
+    _assert_error(result, "is a folder")
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["x.gguf"]

@@ -168,6 +168,8 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
     if qtype not in TYPES:
         raise GGUFExportError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(TYPES)}")
     folder, out = Path(folder).expanduser().resolve(), Path(out).expanduser().resolve()
+    if out.is_dir():  # --overwrite replaces a file, never a folder (and os.replace could not)
+        raise GGUFExportError(f"{out} is a folder; give the path of a .gguf file")
     if out.exists() and not overwrite:
         raise GGUFExportError(f"{out} exists; pass --overwrite to replace it")
     check_not_source(out, [folder])
