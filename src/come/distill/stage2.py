@@ -220,8 +220,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
                 _log(job.dir, {"stage": 2, "layer": None, "step": progress["step"], "loss": loss, "kd": kd, "hidden": hidden, "lr": lr})
             if (o.eval_every and progress["step"] % o.eval_every == 0) or progress["step"] == o.global_steps:
                 # Every rank runs the check (an FSDP forward needs all of them) and so reaches the same verdict.
-                result = check(job, teacher, student, "stage2", progress["step"], log=rank == 0)
-                student.train()
+                result = check(job, teacher, student, "stage2", progress["step"], log=rank == 0)  # restores train()
                 if result["kl"] < progress["best"]["kl"]:
                     progress["best"] = result
                     kept = lora_merged_weights(student) if o.lora else _full_state(student, opt, names, fsdp, optimizer=False)[0]
