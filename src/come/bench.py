@@ -69,12 +69,15 @@ def run_bench(
     progress: bool = True,
     command: str = "",
     report_only: bool = False,
+    fill_kl: bool = False,
 ) -> list[dict]:
     """Run every cell not already finished under `out/cells/`; return all rows.
 
     `distill_methods` (labels of `methods`) add a cell LABEL+distill per ratio: the compressed
     model of LABEL's cell (kept for it), distilled with `distill_options` (the same budget for
-    every method), then evaluated like the others."""
+    every method), then evaluated like the others. `fill_kl`: finished cells without KL to the dense model
+    (scored before it was measured) get their model rebuilt and KL/top-1 added, after checking that the
+    rebuilt plan and perplexity equal the recorded ones."""
     from .evaluate import evaluate
     from .methods import get_method
     from .pipeline import compress
@@ -130,21 +133,27 @@ def run_bench(
             cell_settings["base_method"] = base_of[method]
         if distilled:
             cell_settings["distill"] = distill_options or {}
-        if cell_file.is_file():
-            previous = json.loads(cell_file.read_text())
-            if previous.get("settings") == cell_settings:
-                print(f"[bench] {name}: done already, skipped", flush=True)
-                continue
-        if report_only:
-            missing.append(name)
+        previous = json.loads(cell_file.read_text()) if cell_file.is_file() else None
+        if previous is not None and previous.get("settings") != cell_settings:
+            previous = None  # made under other settings: redo
+        # --fill-kl: a finished compressed cell scored before KL was measured gets its model rebuilt (same
+        # settings, so the same plan: checked) and only KL and top-1 agreement added.
+        fill = (previous is not None and fill_kl and method != DENSE and "error" not in previous["row"]
+                and not (previous.get("evaluation") or {}).get("fidelity"))
+        if previous is not None and not fill:
+            print(f"[bench] {name}: done already, skipped", flush=True)
             continue
-        print(f"[bench] {name}", flush=True)
+        if report_only:
+            if previous is None:
+                missing.append(name)
+            continue
+        print(f"[bench] {name}" + (": adding KL to the dense model" if fill else ""), flush=True)
         model_dir, compress_seconds, distill_seconds, plan = model, None, None, None
         if method != DENSE:
             model_dir = out / "models" / cell_name(method, ratio)
             made_with = {k: v for k, v in cell_settings.items() if k != "distill"}
             stamp = model_dir / BENCH_STAMP
-            reuse = distilled and stamp.is_file() and json.loads(stamp.read_text()) == made_with
+            reuse = (distilled or fill) and stamp.is_file() and json.loads(stamp.read_text()) == made_with
             if not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
                 start = time.perf_counter()
                 try:
@@ -177,17 +186,23 @@ def run_bench(
             evaluation = evaluate(
                 str(model_dir) if model_dir is not None else None,
                 ppl_sources=ppl_sources,
-                tasks=tasks,
+                tasks=[] if fill else tasks,
                 limit=limit,
                 seqlen=seqlen,
                 max_tokens=ppl_max_tokens,
                 batch_size=batch_size,
                 seed=seed,
                 progress=progress,
+                reference=None if method == DENSE else "plan",  # KL to the model the plan was made from
+                reference_scores=False,  # skill above chance is computed against the dense cell instead
             )
         finally:
             if method != DENSE and not keep:
                 shutil.rmtree(model_dir, ignore_errors=True)
+        if fill:
+            _add_fidelity(previous, evaluation, plan, name)
+            write_json_atomic(cell_file, previous)
+            continue
         row = {
             "method": label,
             "ratio": ratio,
@@ -201,6 +216,7 @@ def run_bench(
             row["distill_seconds"] = round(distill_seconds, 1)
         for source, r in evaluation["perplexity"].items():
             row[f"ppl_{source}"] = r["ppl"]
+        _fidelity_columns(row, evaluation)
         zs = evaluation.get("zero_shot")
         if zs:
             for task, r in zs["tasks"].items():
@@ -220,9 +236,45 @@ def run_bench(
             tasks_scored = ((data.get("evaluation") or {}).get("zero_shot") or {}).get("tasks", {})
             if tasks_scored and all("per_doc" in t for t in tasks_scored.values()):
                 per_doc[(method, ratio)] = {name: t["per_doc"] for name, t in tasks_scored.items()}
+    add_skill(rows)
     write_tables(rows, out, settings, command, missing, per_doc)
     plot(rows, out / "results.png")
     return rows
+
+
+def _fidelity_columns(row: dict, evaluation: dict) -> None:
+    for source, f in (evaluation.get("fidelity") or {}).items():
+        row[f"kl_{source}"] = f["kl"]
+        row[f"top1_{source}"] = f["top1"]
+
+
+def _add_fidelity(cell: dict, evaluation: dict, plan: dict, name: str) -> None:
+    """Add a rebuilt model's KL/top-1 to its finished cell, after checking that it is the cell's model."""
+    if plan["layers"] != cell.get("plan_layers"):
+        raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one; its KL would not describe "
+                        "the cell's model (rerun the cell instead)")
+    for source, r in evaluation["perplexity"].items():
+        recorded = cell["row"].get(f"ppl_{source}")
+        if recorded is not None and not math.isclose(r["ppl"], recorded, rel_tol=1e-3):
+            raise ComeError(f"{name}: the rebuilt model's {source} perplexity {r['ppl']:.4f} differs from the recorded "
+                            f"{recorded:.4f}; its KL would not describe the cell's model (rerun the cell instead)")
+    cell["evaluation"]["fidelity"] = evaluation["fidelity"]
+    cell["evaluation"]["reference"] = evaluation.get("reference")
+    _fidelity_columns(cell["row"], evaluation)
+
+
+def add_skill(rows: list[dict]) -> None:
+    """Give each compressed row `skill_kept`: its accuracy above chance as a share of the dense row's,
+    summed over the tasks where the dense model is more than two standard errors above chance."""
+    from .evaluate import CHANCE, skill_above_chance
+
+    dense = next((r for r in rows if r["method"] == DENSE), None)
+    if dense is None:
+        return
+    reference = {t: (dense[t], dense.get(f"{t}_stderr")) for t in CHANCE if dense.get(t) is not None}
+    for r in rows:
+        if r["method"] != DENSE and all(r.get(t) is not None for t in reference) and reference:
+            r["skill_kept"] = skill_above_chance({t: r[t] for t in reference}, reference)["skill_kept"]
 
 
 def ranking(rows: list[dict]) -> list[str]:
@@ -237,6 +289,12 @@ def ranking(rows: list[dict]) -> list[str]:
             if scored:
                 best = min(scored, key=lambda r: r[key])
                 parts.append(f"lowest {key.removeprefix('ppl_')} perplexity: **{best['method']}** ({best[key]:.1f})")
+        for key in [k for k in dict.fromkeys(k for r in here for k in r) if k.startswith("kl_")]:
+            scored = [r for r in here if r.get(key) is not None]
+            if scored:
+                best = min(scored, key=lambda r: r[key])
+                parts.append(f"lowest {key.removeprefix('kl_')} KL to dense: **{best['method']}** ({best[key]:.3f}; "
+                             f"{len(scored)} of {len(here)} scored)")
         scored = [r for r in here if r.get("avg_acc") is not None]
         if scored:
             best = max(scored, key=lambda r: r["avg_acc"])
@@ -290,6 +348,11 @@ def paired_lines(rows: list[dict], per_doc: dict) -> list[str]:
 def write_tables(rows: list[dict], out: Path, settings: dict, command: str, missing: list[str] | None = None,
                  per_doc: dict | None = None) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
+    # the measures without a chance floor next to perplexity, whatever order the cells were scored in
+    fidelity = [c for c in columns if c.startswith(("kl_", "top1_")) or c == "skill_kept"]
+    rest = [c for c in columns if c not in fidelity]
+    after = max((i for i, c in enumerate(rest) if c.startswith("ppl_")), default=len(rest) - 1) + 1
+    columns = rest[:after] + fidelity + rest[after:]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -317,7 +380,11 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str, miss
         f"Settings: `{json.dumps(settings)}`",
         "",
         "Average accuracy: acc_norm for arc_challenge, hellaswag, openbookqa; acc for the others. "
-        "± is lm-eval's standard error; the average's is sqrt(sum of squared task stderrs) / tasks.",
+        "± is lm-eval's standard error; the average's is sqrt(sum of squared task stderrs) / tasks. "
+        "kl_SOURCE: mean per-token KL(dense || model) in nats on the perplexity windows; top1_SOURCE: share of "
+        "positions where both pick the same next token. skill_kept: accuracy above chance summed over the tasks "
+        "where the dense model is more than two stderrs above chance, as a share of the dense model's "
+        "(chance: 1 / choices per question).",
         "",
         "| " + " | ".join(shown) + " |",
         "|" + "---|" * len(shown),

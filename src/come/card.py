@@ -79,10 +79,17 @@ def _rows_of(evaluation: dict) -> dict[str, tuple[float, float | None, str]]:
             rows[f"{source} top-1 agreement"] = (f["top1"], None, "share of positions where both pick the same next token")
     zs = evaluation.get("zero_shot")
     if zs:
+        from .evaluate import CHANCE
+
         for task, r in zs["tasks"].items():
             metric = r["average_metric"]
-            rows[f"{task} ({metric})"] = (r[metric], r.get(f"{metric}_stderr"), f"{r['n']} documents")
+            chance = f", chance {CHANCE[task]:g}" if task in CHANCE else ""
+            rows[f"{task} ({metric})"] = (r[metric], r.get(f"{metric}_stderr"), f"{r['n']} documents{chance}")
         rows["zero-shot average"] = (zs["average"], zs.get("average_stderr"), f"limit {zs.get('limit')}")
+        kept = (evaluation.get("skill") or {}).get("skill_kept")
+        if kept is not None:
+            rows["skill kept"] = (kept, None, "share of the source model's accuracy above chance, summed over "
+                                  + ", ".join(evaluation["skill"]["counted"]) + " (where it is > 2 stderr above chance)")
     return rows
 
 

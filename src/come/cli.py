@@ -370,6 +370,10 @@ def bench(
     report_only: bool = typer.Option(
         False, "--report-only", help="Compute nothing: write the tables from the cells already finished "
         "(a partial table names the cells not run yet)."),
+    fill_kl: bool = typer.Option(
+        False, "--fill-kl", help="Finished cells scored before KL to the dense model was measured: rebuild their "
+        "model (checked to give the recorded plan and perplexity) and add KL and top-1 agreement, without rerunning "
+        "the tasks."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compress and evaluate every (method, ratio) cell; write results.md, results.csv and results.png."""
@@ -398,6 +402,7 @@ def bench(
             distill_options=_distill_options(distill_set),
             progress=not quiet,
             report_only=report_only,
+            fill_kl=fill_kl,
             command=_command_line("come bench", click_context),
         )
     except _user_errors() as exc:

@@ -87,12 +87,15 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     reference=None,
+    reference_scores: bool = True,
 ) -> dict:
     """Evaluate one model; returns a json-able dict with every number and its settings.
 
     `reference`: a model (folder, .gguf, built-in name) to compare next-token distributions with on
     the perplexity windows (KL and top-1 agreement, see `fidelity`); "plan" means the source model
-    named in the folder's come_plan.json (skipped when the folder has none); None skips it."""
+    named in the folder's come_plan.json (skipped when the folder has none); None skips it. With tasks,
+    `reference_scores` also scores the reference (once per machine and settings, cached) for the share of its
+    skill above chance that the model keeps."""
     from .data import eval_tokens
     from .export import PLAN_FILE, versions
     from .models import load_model
@@ -146,10 +149,18 @@ def evaluate(
 
             result["fidelity"][source] = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
                                                   progress=progress, desc=f"KL to reference ({source})")
+    has_reference, ref_loaded = ref_loaded is not None, None  # not held while the tasks run (its cached evaluation loads it)
     if tasks:
         from .tasks import zero_shot
 
         result["zero_shot"] = zero_shot(model, tokenizer, tasks=tasks, limit=limit, batch_size=batch_size, seed=seed, offline=offline)
+        ref_scores = None
+        if has_reference and reference_scores:  # the reference's scores under the same settings, once per machine (as for the card)
+            ref_eval = cached_evaluation(ref_source, {
+                "ppl_sources": ppl_sources, "tasks": tasks, "limit": limit, "seqlen": seqlen, "max_tokens": max_tokens,
+                "batch_size": batch_size, "seed": seed, "offline": offline, "dtype": dtype, "device": device}, progress)
+            ref_scores = _task_scores(ref_eval["zero_shot"])
+        result["skill"] = skill_above_chance({t: v for t, (v, _) in _task_scores(result["zero_shot"]).items()}, ref_scores)
     if speed:
         result["speed"] = measure_speed(model, seed=seed)
     return result
@@ -180,6 +191,13 @@ def print_report(result: dict) -> None:
             table.add_row(task, shown, f"acc {r['acc']:.4f}, acc_norm {acc_norm}, n={r['n']} ({r['average_metric']} averaged)")
         se = zs.get("average_stderr")
         table.add_row("average", f"{zs['average']:.4f}" + (f" ± {se:.4f}" if se is not None else ""), f"limit {zs.get('limit')}")
+        skill = result.get("skill") or {}
+        above = ", ".join(f"{t} {r['skill']:+.3f} (chance {r['chance']:g})" for t, r in skill.get("tasks", {}).items())
+        if above:
+            table.add_row("accuracy - chance", "", above)
+        if skill.get("skill_kept") is not None:
+            table.add_row("skill kept", f"{skill['skill_kept']:.1%}", "of the reference's accuracy above chance, summed over "
+                          + ", ".join(skill["counted"]) + " (where it is > 2 stderr above chance)")
     if "speed" in result:
         s = result["speed"]
         table.add_row("prefill tok/s", f"{s['prefill_tokens_per_s']:.1f}", f"batch {s['batch_size']}, prompt {s['prompt_len']}")
@@ -187,19 +205,13 @@ def print_report(result: dict) -> None:
     console.print(table)
 
 
-def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict | None:
-    """The evaluation of the model a plan was made from, under `settings` (evaluate's keyword
-    arguments); cached in $COME_CACHE/evals so that every card of the same source reuses it."""
+def cached_evaluation(source, settings: dict, progress: bool = True) -> dict:
+    """`evaluate(source, **settings)`, computed once per (source, settings) and kept in $COME_CACHE/evals."""
     import hashlib
 
     from .models import cache_dir
     from .outputs import write_json_atomic
 
-    model = plan.get("model") or {}
-    source = model.get("builtin") or (None if model.get("kind") == "default" else model.get("path"))
-    # A built-in (the default one too) is always reachable: load_model rebuilds it from its package.
-    if source is not None and not model.get("builtin") and not Path(source).exists():
-        return None  # the original is not here: the card shows the compressed model alone
     key = hashlib.sha256(json.dumps([source, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
     cached = cache_dir() / "evals" / f"{key}.json"
     if cached.is_file():
@@ -207,6 +219,45 @@ def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict |
     result = evaluate(source, progress=progress, **settings)
     write_json_atomic(cached, result)
     return result
+
+
+def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict | None:
+    """The evaluation of the model a plan was made from, under `settings` (evaluate's keyword
+    arguments); cached in $COME_CACHE/evals so that every card of the same source reuses it."""
+    source = reference_source(plan)
+    if source is _NO_REFERENCE:
+        return None  # the original is not here: the card shows the compressed model alone
+    return cached_evaluation(source, settings, progress)
+
+
+# Accuracy of guessing, for each task's averaged metric: one over the choices per question. ARC has a few
+# questions with 3 or 5 choices; BoolQ's majority answer ("yes") scores above 0.5.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
+          "winogrande": 0.5}
+
+
+def skill_above_chance(scores: dict[str, float], reference: dict[str, tuple[float, float | None]] | None = None) -> dict:
+    """Accuracy minus chance per task (`scores`: {task: accuracy}); with `reference` ({task: (accuracy,
+    stderr)}, e.g. the dense model's), also the share of the reference's skill kept, summed over the tasks
+    where the reference is more than two standard errors above chance (the others cannot lose skill)."""
+    tasks = {t: {"chance": CHANCE[t], "skill": v - CHANCE[t]} for t, v in scores.items() if t in CHANCE}
+    out: dict = {"tasks": tasks}
+    if reference is not None:
+        counted = []
+        for t, row in tasks.items():
+            if t in reference:
+                value, se = reference[t]
+                row["reference_skill"] = value - CHANCE[t]
+                if value - CHANCE[t] > 2 * (se or 0.0):
+                    counted.append(t)
+        total = sum(tasks[t]["reference_skill"] for t in counted)
+        out["counted"] = counted
+        out["skill_kept"] = sum(tasks[t]["skill"] for t in counted) / total if counted else None
+    return out
+
+
+def _task_scores(zero_shot: dict) -> dict[str, tuple[float, float | None]]:
+    return {t: (r[r["average_metric"]], r.get(f"{r['average_metric']}_stderr")) for t, r in zero_shot["tasks"].items()}
 
 
 def update_card(folder: str | Path, evaluation: dict, settings: dict, progress: bool = True) -> Path:
