@@ -63,11 +63,11 @@ class CompressionOptions:
         "error", "come-search: rank deletion candidates by skip error (distance to the original model at the end "
                  "of the layer's span if it is skipped), by block influence (bi), by the loss without refit on "
                  "--search-screen-samples sequences (loss: SLEB's score, every layer), or half by each of error "
-                 "and loss (error+loss; SmolLM2 at 0.2: the same layers as error, +21% layer passes).")
+                 "and loss (error+loss: more layer passes; results in bench/results/README.md).")
     search_screen_samples: int = _opt(2, "come-search: calibration sequences of the loss screen of "
                                          "--search-deletion-rank loss / error+loss.", min=1)
     search_ratios: tuple[float, ...] = _opt((), "come-search: first-layer channel shares tried besides the BI ratio "
-                                                "(none by default: measured no better, at 1.8x the time).")
+                                                "(none by default: slower, and no better in bench/results/README.md).")
     drop_layers: tuple[int, ...] = _opt((), "drop: the original layers to delete (as many as the target removes).")
     replaceme_objective: Literal["lstsq", "cosine"] = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
     replaceme_blocks: int = _opt(1, "replaceme: remove the layers as this many blocks.", min=1)

@@ -31,15 +31,15 @@ class DistillOptions:
     seqlen: int = 512
     epochs: int = 1
     # stage 1
-    # Defaults: end to end only (stage 2, logit KD through rank-16 LoRA adapters on every layer), the setting that
-    # lowered the held-out KL most per CPU-minute in bench/results/recovery_smollm2.md; stage 1 stays available.
+    # Defaults: end to end only (stage 2, logit KD through rank-16 LoRA adapters on every layer), chosen by the
+    # held-out KL gained per CPU-minute (bench/results/README.md, Distillation); stage 1 stays available.
     layers: str = "none"  # stage-1 layers: merged (covers > 1 original layer) | all | none (stage 2 only)
     loss: str = "mse"
     lr: float = 1e-4
     cache_dtype: str = "bfloat16"
     # stage 2
     global_steps: int | None = None  # None: one pass over the training tokens; 0 skips stage 2
-    global_lr: float = 1e-3  # for LoRA adapters; full-weight training (lora 0) measured best near 1e-4
+    global_lr: float = 1e-3  # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4
     temperature: float = 1.0
     hidden_weight: float = 0.0
     train: str = "all"  # layers trained in stage 2: merged | neighbours | all

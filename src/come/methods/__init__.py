@@ -20,8 +20,8 @@ class MethodFn(Protocol):
     def __call__(self, ctx, target_layers: int) -> None: ...
 
 
-# What `come compress` uses unless told otherwise: the best method measured overall (README, bench/results:
-# best at 10% and 30% on SmolLM2; at 20% SLEB's accuracy is higher).
+# What `come compress` uses unless told otherwise; how it compares with the other methods is in
+# bench/results/README.md.
 DEFAULT_METHOD = "come-search"
 
 METHODS: dict[str, MethodFn] = {}

@@ -125,8 +125,8 @@ def progressive_merge(ctx, target_layers: int, step) -> None:
     "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels",
     layerwise=True,
     # Re-merging: without it, disjoint windows run out once a third of the layers go and the last merges
-    # are forced wherever a pair is left (24 -> 13 layers fused layers 0 and 1 of a Qwen2 model); measured
-    # better at 30% on SmolLM2 too (README). The paper's rule: --no-allow-remerge.
+    # are forced wherever a pair is left (taking a 24-layer Qwen2 model to 13 layers fused its layers 0 and 1).
+    # The paper's rule is --no-allow-remerge; the two compared: bench/results/README.md.
     defaults={"allow_remerge": True},
 )
 def run(ctx, target_layers: int) -> None:

@@ -1,7 +1,7 @@
 """drop: delete exactly the original layers the user names.
 
 For a layer choice made elsewhere: a plan replayed without its search (SLEB's
-search costs 40 minutes on SmolLM2, its result one pass), a published choice
+search rescores every layer at every step, its replay is one pass), a published choice
 of layers, or an ablation. The number of layers named must be the number the
 ratio (or --target-layers) removes. Like ShortGPT, a deleted layer's span goes
 to the layer before it (`--refit` refits that layer to the original model).

@@ -16,7 +16,7 @@ of these candidate operations on the current model:
   it, as in ShortGPT.
 
 The first `protect_first` original layers (default 1: layer 0, which reads the
-embeddings and is the most influential layer of every model we measured) are
+embeddings and is typically the most influential layer) are
 never merged or deleted, so no budget can force them into a merge.
 
 With `refit` on (the default) each candidate is refitted before it is scored:
@@ -77,8 +77,8 @@ def deletion_candidates(ctx, bi, errors, screen: dict[int, float] | None = None)
 
     Block influence compares a layer's input with its output on the *current* model, so it misses
     what earlier steps did: once a layer has absorbed a span (and been refitted), deleting its
-    neighbour into it can be cheap although the neighbour's BI is high. On SmolLM2 at 0.2 the layer
-    that scored best among all deletions ranked 0-3 by skip error at every step, against 0-19 by BI.
+    neighbour into it can be cheap although the neighbour's BI is high; skip error compares with the
+    original model instead, so it ranks the deletions the loss prefers higher (bench/results/README.md).
     """
     eligible = [k for k in range(len(bi)) if not ctx.protected(k)]
     count, rank = max(0, int(ctx.options.search_deletions)), ctx.options.search_deletion_rank
@@ -225,10 +225,9 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     "come-search",
     "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
     layerwise=True,
-    # Calibration 128 x 128 tokens, 16 of them scored (the same token counts as 32 x 512 and 4). On SmolLM2
-    # (bench/results/smollm2_methods: come-search vs come-search-512) lower perplexity at 0.2 and 0.3, the
-    # same at 0.1; accuracy +0.006 / +0.007 at 0.2 / 0.3 but -0.011 at 0.1 (within noise). On Gemma-3-270M
-    # at 0.05 perplexity is worse (98.7 / 175.7 vs 90.0 / 156.4). Cost: bench/results/cost_smollm2.md.
+    # Calibration 128 x 128 tokens, 16 of them scored: the same token counts as 32 x 512 and 4, from more
+    # documents. How this shape compares with 32 x 512 (it is not better on every model), and what the
+    # method costs: bench/results/README.md.
     defaults={"refit": True, "allow_remerge": True, "search_samples": 16, "protect_first": 1,
               "nsamples": 128, "seqlen": 128},
 )
