@@ -63,6 +63,7 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
         "config": name,
         "options": {**CONFIGS[name], **opts},
         "training_tokens": budget,
+        "batch_size": args.batch_size,
         "kl_before": sel["kl_before"],
         "kl_after": sel["kl_after"],
         "kl_drop_pct": 100 * (1 - sel["kl_after"] / sel["kl_before"]),
@@ -78,7 +79,7 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
 
 
 def write_tables(results: Path, rows: list[dict], command: str) -> None:
-    cols = ["config", "training_tokens", "kl_before", "kl_after", "kl_drop_pct", "top1_before", "top1_after", "chosen", "wall_s", "cpu_s",
+    cols = ["config", "training_tokens", "batch_size", "kl_before", "kl_after", "kl_drop_pct", "top1_before", "top1_after", "chosen", "wall_s", "cpu_s",
             "kl_drop_pct_per_cpu_min"]
     with open(results.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -91,12 +92,12 @@ def write_tables(results: Path, rows: list[dict], command: str) -> None:
         "KL: mean per-token KL(dense || student) in nats on come distill's held-out windows (Wikipedia calib split, never "
         "trained on). `chosen`: what the run returned (the lowest held-out KL among the input and every check). cpu_s: "
         "process CPU time (all threads).", "",
-        "| config | options | tokens | KL before | KL after | KL drop % | top-1 before | top-1 after | chosen | wall s | CPU s | KL drop % per CPU-min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | options | tokens | batch | KL before | KL after | KL drop % | top-1 before | top-1 after | chosen | wall s | CPU s | KL drop % per CPU-min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-        lines.append(f"| {r['config']} | {opts} | {r['training_tokens']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['kl_drop_pct']:.1f} | "
+        lines.append(f"| {r['config']} | {opts} | {r['training_tokens']} | {r.get('batch_size', 2)} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['kl_drop_pct']:.1f} | "
                      f"{r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['chosen']} | {r['wall_s']} | {r['cpu_s']} | "
                      f"{r['kl_drop_pct_per_cpu_min']:.2f} |")
     results.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -124,7 +125,8 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     rows = []
     for name in args.configs.split(","):
-        cell = cells / f"{name}-t{args.steps * args.batch_size * args.seqlen}.json"
+        # batch sizes other than the first ablation's 2 are part of the cell's name
+        cell = cells / (f"{name}-t{args.steps * args.batch_size * args.seqlen}" + (f"-b{args.batch_size}" if args.batch_size != 2 else "") + ".json")
         if not cell.is_file():
             row = run_config(name, args.compressed, args.work, args)
             cell.write_text(json.dumps(row, indent=1))
