@@ -16,11 +16,12 @@ import json
 import math
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
+
+from ..outputs import atomic_write_text
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 
@@ -181,27 +182,14 @@ _EXPORTERS = {
 }
 
 
-def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    # Write-then-rename so a concurrent or interrupted export never leaves a partial file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def export_offline_data(cache_dir: str | os.PathLike | None = None, tasks: Sequence[str] = PAPER_TASKS) -> Path:
     """Write each task's eval split to <cache>/lm_eval_data/<task>.jsonl (once); returns that folder."""
     data_dir = cache_root(cache_dir) / "lm_eval_data"
     for task in tasks:
         path = data_dir / f"{task}.jsonl"
         if not path.exists():
-            _atomic_write(path, (json.dumps(doc, ensure_ascii=False) + "\n" for doc in _EXPORTERS[task]()))
+            # Written atomically: a concurrent or interrupted export never leaves a partial file.
+            atomic_write_text(path, (json.dumps(doc, ensure_ascii=False) + "\n" for doc in _EXPORTERS[task]()), what="cache")
     return data_dir
 
 
@@ -236,7 +224,7 @@ def task_manager(cache_dir: str | os.PathLike | None = None, include_defaults: b
         text = json.dumps(config, indent=2) + "\n"  # JSON is valid YAML and needs no yaml dependency
         path = yaml_dir / f"{name}.yaml"
         if not path.exists() or path.read_text() != text:
-            _atomic_write(path, [text])
+            atomic_write_text(path, text, what="cache")
     return TaskManager(include_path=str(yaml_dir), include_defaults=include_defaults)
 
 
