@@ -193,3 +193,11 @@ def test_head_on_continuations_only_gives_hflm_loglikelihoods(tiny_llama, smollm
         assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref
     # The head ran on fewer positions than the batch held.
     assert widths and all(kept < width for width, kept in widths)
+
+
+def test_importing_tasks_loads_neither_lm_eval_nor_datasets():
+    import subprocess
+    import sys
+
+    code = "import sys, come.tasks; print(sorted({'lm_eval', 'datasets', 'torch'} & set(sys.modules)))"
+    assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "[]"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import ComeError
-from .outputs import check_writable, write_json_atomic
+from .outputs import atomic_file, atomic_write_text, check_writable, write_json_atomic
 
 DENSE = "dense"
 DISTILLED = "+distill"
@@ -169,7 +169,7 @@ def run_bench(
                     continue
                 compress_seconds = time.perf_counter() - start
                 del result
-                stamp.write_text(json.dumps(made_with))
+                atomic_write_text(stamp, json.dumps(made_with))
             plan = json.loads((model_dir / "come_plan.json").read_text())
         if distilled:
             from .distill import distill
@@ -353,7 +353,7 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str, miss
     rest = [c for c in columns if c not in fidelity]
     after = max((i for i, c in enumerate(rest) if c.startswith("ppl_")), default=len(rest) - 1) + 1
     columns = rest[:after] + fidelity + rest[after:]
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_file(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -397,7 +397,7 @@ def write_tables(rows: list[dict], out: Path, settings: dict, command: str, miss
     if paired:
         lines += ["", "Paired differences of average accuracy (same documents; ± from the per-document differences; "
                       "cells scored before per-document results were kept are left out):", "", *paired]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -427,5 +427,6 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # the format is named: the temporary's name has no .png
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png")
     plt.close(fig)

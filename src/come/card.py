@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .outputs import atomic_file, atomic_write_text
+
 PLAN_PICTURE = "come_plan.png"
 EVAL_FILE = "come_eval.json"
 
@@ -51,7 +53,8 @@ def plan_figure(plan: dict, path: str | Path) -> Path:
     ax.text(0.5, height - 0.2, "original", ha="center", fontsize=8)
     ax.text(3.5, height - 0.2, "output (bar: channel share per source)", ha="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:  # the format is named: the temporary's name has no .png
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:] or "png")
     plt.close(fig)
     return Path(path)
 
@@ -188,6 +191,7 @@ def _distillation_text(record: dict | None) -> str:
 def write_card(folder: str | Path, plan: dict, evaluation: dict | None = None, dense: dict | None = None) -> None:
     folder = Path(folder)
     plan_figure(plan, folder / PLAN_PICTURE)
-    (folder / "README.md").write_text(model_card(plan, evaluation, dense))
+    atomic_write_text(folder / "README.md", model_card(plan, evaluation, dense), what="model card")
     if evaluation is not None:
-        (folder / EVAL_FILE).write_text(json.dumps({"compressed": evaluation, "dense": dense}, indent=1))
+        atomic_write_text(folder / EVAL_FILE, json.dumps({"compressed": evaluation, "dense": dense}, indent=1),
+                          what="model card")

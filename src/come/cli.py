@@ -218,13 +218,11 @@ def eval_command(
         _fail(f"--update-card needs a folder written by come compress; {model!r} has no come_plan.json")
     try:
         from .evaluate import evaluate, parse_list, print_report
-        from .outputs import check_writable, write_json_atomic
+        from .outputs import check_output_file, check_writable, write_json_atomic
 
         # Every file this command writes is checked before the evaluation, not after it.
         if json_path is not None:
-            if json_path.is_dir():
-                _fail(f"--json {json_path} is a folder; give a file path")
-            check_writable(json_path.expanduser().resolve().parent, "--json")
+            check_output_file(json_path, what="--json")
         if update_card:
             check_writable(Path(model), "model card")
 

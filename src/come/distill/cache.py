@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +11,7 @@ from tqdm.auto import tqdm
 from ..adapters import adapter_for
 from ..errors import NonFiniteActivations
 from ..models import DTYPES
-from ..outputs import write_json_atomic
+from ..outputs import atomic_folder, write_json_atomic
 from ..scoring import _capture_layer_inputs, capture_boundaries, layer_output
 from .common import _span
 from .options import DistillOptions
@@ -30,20 +28,16 @@ def _build_cache(teacher, adapter, tokens: torch.Tensor, boundaries: set[int], o
 
     if (cache / "manifest.json").is_file():
         return  # complete: the manifest is written last
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     device, dtype = next(teacher.parameters()).device, DTYPES[o.cache_dtype]
     starts = range(0, tokens.shape[0], o.batch_size)
-    for c, b0 in enumerate(tqdm(starts, desc="teacher cache", unit="chunk", disable=not o.progress, leave=False)):
-        states, _ = capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
-        for b, h in states.items():
-            if not torch.isfinite(h).all():
-                raise NonFiniteActivations(f"the teacher has non-finite hidden states (NaN/Inf) at layer boundary {b}; try --dtype float32")
-            save_file({"h": h.to(dtype).cpu().contiguous()}, _cache_file(tmp, b, c))
-    write_json_atomic(tmp / "manifest.json", {"boundaries": sorted(boundaries), "chunks": len(starts), "dtype": o.cache_dtype})
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
+    with atomic_folder(cache, overwrite=True) as tmp:
+        for c, b0 in enumerate(tqdm(starts, desc="teacher cache", unit="chunk", disable=not o.progress, leave=False)):
+            states, _ = capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
+            for b, h in states.items():
+                if not torch.isfinite(h).all():
+                    raise NonFiniteActivations(f"the teacher has non-finite hidden states (NaN/Inf) at layer boundary {b}; try --dtype float32")
+                save_file({"h": h.to(dtype).cpu().contiguous()}, _cache_file(tmp, b, c))
+        write_json_atomic(tmp / "manifest.json", {"boundaries": sorted(boundaries), "chunks": len(starts), "dtype": o.cache_dtype})
 
 
 def _read_chunk(cache: Path, boundary: int, chunk: int) -> torch.Tensor:

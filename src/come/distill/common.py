@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..adapters import adapter_for
 from ..models import load_model, resolve_device
+from ..outputs import atomic_file
 from .options import METRICS_FILE, DistillInterrupted, DistillOptions, NonFiniteLoss
 
 
@@ -36,9 +36,8 @@ def _is_merged(record: dict) -> bool:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, what="checkpoint") as tmp:
+        torch.save(obj, tmp)
 
 
 def _log(work: Path, record: dict) -> None:

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from ..adapters import adapter_for
 from ..errors import OutputExists
 from ..export import PLAN_FILE, save_compressed, versions
 from ..models import load_model
-from ..outputs import check_not_source, prepare_output, write_json_atomic
+from ..outputs import check_not_source, prepare_output, publish_folder, write_json_atomic
 from .cache import _build_cache
 from .common import _apply_trained, _is_merged, _Job, _layer_file, _rank_device, _seed, _span
 from .launch import _backend, _run_stage
@@ -184,14 +183,8 @@ def _publish(student, tokenizer, plan: dict, work: Path, out: Path) -> Path:
     staged = save_compressed(student, tokenizer, plan, work / "final", overwrite=True,
                              save_dtype=parse_dtype(saved_as) if saved_as else None)
     _write_metrics(work, staged / METRICS_FILE)
-    trash = None
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-    os.replace(staged, out)
-    for folder in (trash, work):
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+    publish_folder(staged, out)
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 

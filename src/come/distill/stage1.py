@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
-from ..outputs import write_json_atomic
+from ..outputs import atomic_file, write_json_atomic
 from ..scoring import _capture_layer_inputs, layer_output
 from .cache import _read_chunk
 from .common import (
@@ -109,8 +108,8 @@ def _train_layer(k, layer, kwargs, source, target, head, nsamples, job: _Job, ra
     layer.requires_grad_(False).eval()
     weights = _layer_file(job, k, ".safetensors")
     write_json_atomic(_layer_file(job, k, ".json"), {"covers": job.plan_layers[k]["covers"], **_summarize(progress["losses"])})
-    save_file({n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}, weights.with_name(weights.name + ".tmp"))
-    os.replace(weights.with_name(weights.name + ".tmp"), weights)  # the weights file marks the layer done
+    with atomic_file(weights, what="checkpoint") as tmp:  # the weights file marks the layer done
+        save_file({n: t.detach().cpu().contiguous() for n, t in layer.state_dict().items()}, tmp)
     checkpoint.unlink(missing_ok=True)
 
 
