@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-# Chance level of each task's reported metric (choices per question); BoolQ's majority class is 0.62 on its validation set.
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5, "winogrande": 0.5}
+from come.evaluate import CHANCE, skill_above_chance  # one definition of chance and of the counted tasks
 
 
 def _eval(model: Path, tasks: bool, args, ppl: bool = True) -> dict:
@@ -77,7 +76,8 @@ def main() -> None:
         return sum(ev["zero_shot"]["tasks"][t][ev["zero_shot"]["tasks"][t]["average_metric"]] - CHANCE[t] for t in tasks)
 
     tasks = list(dense["zero_shot"]["tasks"])
-    above = [t for t in tasks if dense["zero_shot"]["tasks"][t][dense["zero_shot"]["tasks"][t]["average_metric"]] > CHANCE[t] + 0.03]
+    dense_scores = {t: (r[r["average_metric"]], r.get(f"{r['average_metric']}_stderr")) for t, r in dense["zero_shot"]["tasks"].items()}
+    above = skill_above_chance({t: v for t, (v, _) in dense_scores.items()}, dense_scores)["counted"]
     per_doc = lambda ev: {t: ev["zero_shot"]["tasks"][t]["per_doc"] for t in tasks}
     diff = paired_difference(per_doc(dist), per_doc(comp))
     s1 = record.get("stage1") or {}
@@ -112,7 +112,7 @@ def main() -> None:
               f"{diff[0]:+.4f} ± {diff[1]:.4f}.", "",
               "Skill above chance: the sum over " + ", ".join(f"{t} (chance {CHANCE[t]})" for t in above)
               + " of accuracy minus chance; the other tasks (" + ", ".join(f"{t} (chance {CHANCE[t]})" for t in tasks if t not in above)
-              + ") have the dense model within 0.03 of chance or below it.", "",
+              + ") have the dense model within two standard errors of chance or below it.", "",
               "| task | chance | dense | compressed | distilled | distilled - compressed (paired) |", "|---|---|---|---|---|---|"]
     for t in tasks:
         m = dense["zero_shot"]["tasks"][t]["average_metric"]
