@@ -193,3 +193,14 @@ def test_head_on_continuations_only_gives_hflm_loglikelihoods(tiny_llama, smollm
         assert lp == pytest.approx(lp_ref, abs=1e-4) and greedy == greedy_ref
     # The head ran on fewer positions than the batch held.
     assert widths and all(kept < width for width, kept in widths)
+
+
+def test_zero_shot_prints_no_git_noise(tiny_dir, tmp_path, monkeypatch, capfd):
+    from come.models import load_model
+    from come.tasks import zero_shot
+
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's own `git describe` would print "fatal: ..."
+    loaded = load_model(str(tiny_dir))
+    result = zero_shot(loaded.model, loaded.tokenizer, tasks=["piqa"], limit=2, batch_size=2)
+    assert result["tasks"]["piqa"]["n"] == 2
+    assert "fatal" not in capfd.readouterr().err
