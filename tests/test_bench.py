@@ -5,12 +5,12 @@ import json
 from typer.testing import CliRunner
 
 from come.cli import app
-from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
+from tests.helpers import assert_error_line
 
 runner = CliRunner()
 
 
-def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):  # noqa: F811
+def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     args = [
         "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco,shortgpt+refit:shortgpt", "--ratios", "0.005,0.01",  # one layer is ~0.5% of this tiny model
@@ -48,10 +48,10 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):  # noqa: F811
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 3
 
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--set", "laco.nope=1"])
-    assert bad.exit_code == 2 and "unknown option" in bad.output
+    assert_error_line(bad, "unknown option 'nope'")
 
 
-def test_bench_distilled_cells_reuse_the_compressed_model(tiny_dir, tmp_path):  # noqa: F811
+def test_bench_distilled_cells_reuse_the_compressed_model(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     args = [
         "bench", str(tiny_dir), "--out", str(out), "--methods", "come,shortgpt", "--ratios", "0.01",
@@ -124,7 +124,7 @@ def test_bench_table_lists_paired_differences(tmp_path):
     assert "Paired differences of average accuracy" in table and "- ratio 0.2, minus **x**: y -0.3333 ± 0.3333" in table
 
 
-def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):  # noqa: F811
+def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):
     from come.bench import parse_method_spec
 
     assert parse_method_spec("sleb-layers:drop@0.2") == ("sleb-layers", "drop", {0.2})
@@ -138,4 +138,4 @@ def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):  # no
     table = (out / "results.md").read_text()
     assert "not run yet: dense, shortgpt-r0.005, shortgpt-r0.01, x-r0.01." in table
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,x:drop@a", "--tasks", "none"])
-    assert bad.exit_code != 0 and "after @ must be numbers" in bad.output
+    assert_error_line(bad, "after @ must be numbers")

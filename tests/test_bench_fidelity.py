@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 from come.bench import add_skill
 from come.cli import app
 from come.evaluate import CHANCE, skill_above_chance
-from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
 
 runner = CliRunner()
 
@@ -32,7 +31,7 @@ def test_bench_rows_get_skill_kept_from_the_dense_row():
     assert half["skill_kept"] == pytest.approx(0.5) and "skill_kept" not in dense and "skill_kept" not in rows[2]
 
 
-def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path):  # noqa: F811
+def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come", "--ratios", "0.01", "--ppl", "wikipedia",
             "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]

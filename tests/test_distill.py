@@ -8,23 +8,17 @@ from transformers import AutoModelForCausalLM
 
 from come.data import DataError
 from come.distill import DistillError, NonFiniteLoss, _kl, distill, span_errors
+from come.distill.options import DistillInterrupted
+from come.errors import OutputExists
 from come.models import LoadedModel
 from come.pipeline import compress
 from come.testing import tiny_model, tiny_tokens
+from tests.helpers import assert_error_line, char_tokenizer
 
 TRAIN = tiny_tokens(nsamples=16, seqlen=32, seed=1)
 HELD_OUT = tiny_tokens(nsamples=8, seqlen=32, seed=2)
 # 16 sequences in chunks of 4, 6 epochs: 24 steps per layer.
 SETTINGS = {"tokens": TRAIN, "heldout": HELD_OUT, "layers": "merged", "global_steps": 0, "lr": 2e-3, "epochs": 6, "batch_size": 4, "warmup": 0.1, "seed": 3, "progress": False}
-
-
-def char_tokenizer():
-    """A character-level tokenizer over ASCII (ids 1..127, 0 = unknown) that fits the tiny vocab of 128."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, **{chr(i): i for i in range(1, 128)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), unk_token="<unk>")
 
 
 def save_teacher(path, **overrides):
@@ -118,13 +112,13 @@ def test_resume_after_kill_gives_identical_weights(setup, single_run):
     root, teacher_dir, compressed = setup
     out = root / "resumed"
     # Killed in layer 1 at its step 8 (24 + 8 steps); its last checkpoint is step 5.
-    with pytest.raises(DistillError, match="resume"):
+    with pytest.raises(DistillInterrupted, match="continue with --resume"):
         distill(compressed, out, teacher=teacher_dir, save_every=5, stop_after=32, **SETTINGS)
     work = root / "resumed.partial"
     assert (work / "stage1" / "layer_000.safetensors").is_file() and (work / "stage1" / "layer_001.ckpt.pt").is_file()
-    with pytest.raises(Exception, match="--resume"):  # a fresh start refuses to wipe the unfinished run
+    with pytest.raises(OutputExists, match="holds an unfinished distillation: pass --resume"):  # a fresh start refuses to wipe it
         distill(compressed, out, teacher=teacher_dir, **SETTINGS)
-    with pytest.raises(DistillError, match="lr"):  # resuming with other settings is refused
+    with pytest.raises(DistillError, match="it was started with lr = 0.002, now 0.001"):  # resuming with other settings is refused
         distill(compressed, out, teacher=teacher_dir, resume=True, **{**SETTINGS, "lr": 1e-3})
     summary = distill(compressed, out, teacher=teacher_dir, resume=True, **SETTINGS)
     assert summary["resumed"]
@@ -195,10 +189,10 @@ def test_stage2_fsdp_resume_and_single_worker_error(setup, tmp_path):
     with pytest.raises(DistillError, match="--workers 2 or more"):  # nothing to shard over: an error, not a silent DDP/plain run
         distill(compressed, tmp_path / "one", **{**run, "workers": 1})
     distill(compressed, tmp_path / "whole", **run)
-    with pytest.raises(DistillError, match="resume"):  # killed after step 3; the last checkpoint (full state dict + optimizer) is step 2
+    with pytest.raises(DistillInterrupted, match="continue with --resume"):  # killed after step 3; the last checkpoint (full state dict + optimizer) is step 2
         distill(compressed, tmp_path / "resumed", save_every=2, stop_after=3, **run)
     assert (tmp_path / "resumed.partial" / "stage2" / "checkpoint.pt").is_file()
-    with pytest.raises(DistillError, match="fsdp"):  # the checkpoint format differs: switching to DDP is refused
+    with pytest.raises(DistillError, match="it was started with fsdp = True, now False"):  # the checkpoint format differs: switching to DDP is refused
         distill(compressed, tmp_path / "resumed", resume=True, **{**run, "fsdp": False})
     distill(compressed, tmp_path / "resumed", resume=True, **run)
     assert _stage2_curve(tmp_path / "resumed") == pytest.approx(_stage2_curve(tmp_path / "whole"), rel=1e-5)
@@ -245,7 +239,8 @@ def test_cli_distill_from_a_text_file(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "come_plan.json").read_text())["distillation"]["data"]["source"]["kind"] == "file"
     again = CliRunner().invoke(app, args)  # the teacher came from the plan; now the output exists
-    assert again.exit_code == 2 and "error:" in again.output and len(again.output.strip().splitlines()) == 1
+    assert_error_line(again, "exists; pass --overwrite to replace it")
+    assert len(again.output.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("loss", ["cosine", "kl"])
@@ -368,7 +363,7 @@ def test_lora_distillation_writes_a_plain_checkpoint_and_resumes_identically(set
     moved = [k for k in w if not torch.equal(w[k], w0[k])]
     assert moved and all(k.startswith("model.layers.") and k.endswith("proj.weight") for k in moved)
     assert _heldout_kl(teacher_dir, tmp_path / "whole") == pytest.approx(whole["selection"]["kl_after"], rel=1e-4)
-    with pytest.raises(DistillError, match="resume"):  # killed at step 5; last checkpoint step 3, best so far step 4
+    with pytest.raises(DistillInterrupted, match="continue with --resume"):  # killed at step 5; last checkpoint step 3, best so far step 4
         distill(compressed, tmp_path / "resumed", save_every=3, stop_after=5, **run)
     resumed = distill(compressed, tmp_path / "resumed", resume=True, **run)
     assert resumed["selection"]["candidates"] == whole["selection"]["candidates"]

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from come.cli import app
 from come.gguf_export import QWEN2_SPLIT, GGUFExportError, check_exportable, permute_for_gguf, pre_tokenizer_name
 from come.testing import tiny_config, tiny_model
-from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
+from tests.helpers import assert_error_line
 
 runner = CliRunner()
 # Max |logit difference| against the HF folder, per type (tiny random model, logits of size ~1).
@@ -25,7 +25,7 @@ def test_permutation_is_the_inverse_of_transformers_reverse():
 
 
 @pytest.mark.parametrize("qtype", sorted(TOLERANCE))
-def test_export_round_trips_through_transformers(tiny_dir, tmp_path, qtype):  # noqa: F811
+def test_export_round_trips_through_transformers(tiny_dir, tmp_path, qtype):
     out = tmp_path / f"m-{qtype}.gguf"
     result = runner.invoke(app, ["export-gguf", str(tiny_dir), "--out", str(out), "--type", qtype])
     assert result.exit_code == 0, result.output
@@ -37,7 +37,7 @@ def test_export_round_trips_through_transformers(tiny_dir, tmp_path, qtype):  # 
         diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
     assert diff < TOLERANCE[qtype], diff
     again = runner.invoke(app, ["export-gguf", str(tiny_dir), "--out", str(out)])
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert_error_line(again, "exists; pass --overwrite to replace it")
 
 
 def _saved(path, tokenizer, family, q_scale=1.0, **overrides):
@@ -96,9 +96,7 @@ def test_qwen_export_round_trips_through_transformers(qwen_dirs, tmp_path, famil
 
 
 def _assert_refused(result, tmp_path, pattern):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and pattern in lines[0], result.output
+    assert_error_line(result, pattern)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*gguf*"))
 
 
@@ -157,3 +155,11 @@ def test_qwen_pre_tokenizer_is_named_for_llama_cpp():
         {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False}, byte_level]}}
     assert pre_tokenizer_name(qwen) == "qwen2"
     assert pre_tokenizer_name({"pre_tokenizer": dict(byte_level, use_regex=True)}) == "default"
+
+
+def test_export_gguf_onto_a_folder_is_refused_before_writing(tiny_dir, tmp_path):
+    folder = tmp_path / "x.gguf"
+    folder.mkdir()
+    result = runner.invoke(app, ["export-gguf", str(tiny_dir), "--out", str(folder), "--overwrite"])
+    assert_error_line(result, "is a folder")
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["x.gguf"]

@@ -17,6 +17,7 @@ from come.layerwise import LazyLayers, parse_size, write_safetensors
 from come.models import LoadedModel
 from come.pipeline import compress
 from come.testing import FAMILIES, tiny_model, tiny_tokens
+from tests.helpers import assert_error_line, compress_cli, copy_folder
 
 TOKENS = tiny_tokens(nsamples=6, seqlen=24)
 
@@ -241,3 +242,21 @@ def test_lazy_loss_through_reads_norm_and_head(tmp_path, tied):
     expected = reference.loss_through(4, reference.current_stack(4))
     assert cache.loss_through(4, tail) == pytest.approx(expected, rel=1e-6)
     assert all(p.is_meta for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "more layers", "fewer layers"])
+def test_layerwise_refuses_damaged_or_mismatched_checkpoints(tiny_dir, tmp_path, damage):
+    bad = copy_folder(tiny_dir, tmp_path / "bad")
+    weights = bad / "model.safetensors"
+    if damage in ("truncated", "garbage"):
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\xff" * 64)
+    else:
+        config = json.loads((bad / "config.json").read_text())
+        config["num_hidden_layers"] = 8 if damage == "more layers" else 4
+        (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = compress_cli(bad, "--target-layers", "3", "--layerwise", "--out", out)
+    assert_error_line(result, {"truncated": "cannot read the weights", "garbage": "cannot read the weights",
+                               "more layers": "lacks model.layers.6", "fewer layers": "unexpected weights"}[damage])
+    assert not out.exists()

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from come.cli import app
-from tests.test_cli import tiny_dir  # noqa: F401  (fixture)
+from tests.helpers import assert_error_line
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,21 +53,19 @@ def test_invalid_recipes_fail_before_any_work(tmp_path, edit, message):
     body = _base(tmp_path / "missing-model", tmp_path / "run")
     edit(body)
     result = runner.invoke(app, ["run", str(_recipe(tmp_path, body))])
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.output
+    assert_error_line(result, message)
     assert not (tmp_path / "run").exists()  # nothing was started (the model path is not even looked at)
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("compress: [unclosed")
-    assert "not valid YAML" in runner.invoke(app, ["run", str(bad)]).output
+    assert_error_line(runner.invoke(app, ["run", str(bad)]), "not valid YAML")
     bad.write_text("- a list")
-    assert "a recipe is a mapping" in runner.invoke(app, ["run", str(bad)]).output
+    assert_error_line(runner.invoke(app, ["run", str(bad)]), "a recipe is a mapping")
 
 
-def test_stages_are_skipped_when_their_settings_match(tiny_dir, tmp_path):  # noqa: F811
+def test_stages_are_skipped_when_their_settings_match(tiny_dir, tmp_path):
     run = tmp_path / "run"
     recipe = _recipe(tmp_path, _base(tiny_dir, run))
     first = runner.invoke(app, ["run", str(recipe), "-q"])
@@ -85,7 +83,7 @@ def test_stages_are_skipped_when_their_settings_match(tiny_dir, tmp_path):  # no
     assert json.loads((run / "eval.json").read_text())["perplexity"]["wikipedia"]["tokens"] < 96
 
 
-def test_a_killed_run_continues_at_the_stage_that_did_not_finish(tiny_dir, tmp_path):  # noqa: F811
+def test_a_killed_run_continues_at_the_stage_that_did_not_finish(tiny_dir, tmp_path):
     run = tmp_path / "run"
     body = _base(tiny_dir, run)
     body["distill"] = {"tokens": 4096, "seqlen": 32, "epochs": 40, "batch_size": 2, "save_every": 5, "layers": "merged", "global_steps": 0}
@@ -107,3 +105,13 @@ def test_a_killed_run_continues_at_the_stage_that_did_not_finish(tiny_dir, tmp_p
     assert "compress: done already" in resumed.output
     assert set(json.loads(state.read_text())) == {"compress", "distill", "eval"}
     assert (run / "distilled" / "come_plan.json").is_file() and not (run / "distilled.partial").exists()
+
+
+def test_a_recipe_whose_model_is_missing_leaves_no_run_folder(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    run = tmp_path / "runs" / "r"
+    recipe.write_text(yaml.safe_dump({"model": str(tmp_path / "no-such-model"), "out": str(run),
+                                      "compress": {"method": "shortgpt", "target_layers": 2}}))
+    result = runner.invoke(app, ["run", str(recipe), "-q"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert not run.exists()

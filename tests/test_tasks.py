@@ -201,3 +201,14 @@ def test_importing_tasks_loads_neither_lm_eval_nor_datasets():
 
     code = "import sys, come.tasks; print(sorted({'lm_eval', 'datasets', 'torch'} & set(sys.modules)))"
     assert subprocess.check_output([sys.executable, "-c", code], text=True).strip() == "[]"
+
+
+def test_zero_shot_prints_no_git_noise(tiny_dir, tmp_path, monkeypatch, capfd):
+    from come.models import load_model
+    from come.tasks import zero_shot
+
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's own `git describe` would print "fatal: ..."
+    loaded = load_model(str(tiny_dir))
+    result = zero_shot(loaded.model, loaded.tokenizer, tasks=["piqa"], limit=2, batch_size=2)
+    assert result["tasks"]["piqa"]["n"] == 2
+    assert "fatal" not in capfd.readouterr().err
