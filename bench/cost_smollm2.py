@@ -50,19 +50,36 @@ def worker(name: str, ratio: float) -> dict:
     }
 
 
+def picks(layers: list[dict]) -> list:
+    """What a plan chose (layer covers, kept KV groups and FFN neurons per source, refit damping), without the
+    scores and errors that vary in the last digits from run to run."""
+    out = []
+    for layer in layers:
+        sources = ((layer.get("merge") or {}).get("sources")) or []
+        refit = layer.get("refit") or {}
+        out.append((layer["covers"], [(s["layer"], s.get("kv_groups"), s.get("neurons")) for s in sources],
+                    refit.get("damping"), refit.get("applied")))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--results", default=str(HERE / "results" / "cost_smollm2"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one compression, print its JSON
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from RESULTS.json, measuring nothing")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.ratio)))
         return
 
     rows = {name: [] for name in RUNS}
-    for _ in range(args.repeats):
+    command = _results.command_line()
+    if args.report_only:  # the measurements and the command that made them
+        rows = json.loads(Path(args.results).with_suffix(".json").read_text())["rows"]
+        command = command.replace(" --report-only", "")
+    for _ in range(0 if args.report_only else args.repeats):
         for name in RUNS:
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--ratio", str(args.ratio)], check=True,
                                  stdout=subprocess.PIPE, text=True).stdout
@@ -76,11 +93,11 @@ def main() -> None:
     committed = HERE / "results" / "smollm2_methods" / "cells" / f"come-search-r{args.ratio:g}.json"
     same_plan = None
     if committed.is_file():
-        same_plan = json.loads(committed.read_text())["plan_layers"] == best["come-search (default)"]["layers"]
+        same_plan = picks(json.loads(committed.read_text())["plan_layers"]) == picks(best["come-search (default)"]["layers"])
     lines = [
         "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
         "",
-        f"Command: `{_results.command_line()}`  ",
+        f"Command: `{command}`  ",
         f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: {best['come (paper)']['calibration']} Wikipedia "
         f"tokens (seed 0), ratio {args.ratio}. Each compression in its own process: model load, calibration and "
         "search, no save.",
@@ -93,7 +110,7 @@ def main() -> None:
                      f"{r['layer_passes']} |")
     lines += ["", f"CPU-time ratio (default / paper): **{ratio:.2f}x**."]
     if same_plan is not None:
-        lines.append(f"Default's plan (layer covers and kept channels) equal to the committed method-table cell "
+        lines.append(f"Default's picks (layer covers, kept KV groups and FFN neurons, refit dampings) equal to the committed method-table cell "
                      f"`smollm2_methods/cells/{committed.name}`: **{same_plan}**.")
     _results.write(args.results, lines, data={"rows": rows, "ratio": ratio, "same_plan_as_committed": same_plan})
 
