@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
-from .options import choice_enum, default, help_text  # light: one definition of every compression option
+from .options import default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -20,14 +20,118 @@ app = typer.Typer(
 )
 
 
-# Choices of the Literal options, from their one definition in options.py.
-NormMode = choice_enum("norm")
-OutputNorm = choice_enum("output_norm")
-SbiTokens = choice_enum("sbi_tokens")
-Storage = choice_enum("activation_storage")
-SearchLoss = choice_enum("search_loss")
-DeletionRank = choice_enum("search_deletion_rank")
-ReplacemeObjective = choice_enum("replaceme_objective")
+def _floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated numbers, got {value!r}")
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
+
+
+# -- flags generated from the option definitions (options.py, methods/catalog.py, distill/options.py) --------
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _method_note(option) -> str:
+    """' Default: the method's (A: x; others: y).' when some method has its own default for `option`."""
+    from .methods import specs
+
+    by_value: dict = {}
+    for spec in specs():
+        if option.name in spec.defaults:
+            by_value.setdefault(_shown(spec.defaults[option.name]), []).append(spec.name)
+    if not by_value:
+        return ""
+    parts = [f"{', '.join(names)}: {value}" for value, names in by_value.items()]
+    other = option.unset if option.default is None and option.unset else _shown(option.default)
+    return f" Default: the method's ({'; '.join(parts)}; others: {other})."
+
+
+def _flag(option, *, compression: bool = True, given_only: bool = False, help_prefix: str = "", help_suffix: str = "",
+          panel: str | None = None):
+    """(name, annotation, typer.Option, converter) of one option's flag. Its default is the option's, or None
+    ("not given") when a method has its own default (a compression option) or `given_only`; the converter turns
+    the flag's value into the option's (enum members to strings, comma lists to tuples)."""
+    from enum import Enum
+    from typing import get_args
+
+    from .options import choice_enum
+
+    note = _method_note(option) if compression else ""
+    unset = given_only or bool(note) or option.default is None
+    kind, convert, extra = option.type, (lambda value: value), {}
+    help_text = help_prefix + option.help
+    if option.choices is not None:
+        kind = choice_enum(option)
+        convert = lambda value: value.value if isinstance(value, Enum) else value
+    elif option.element is not None:  # a comma list
+        parse = _floats if option.element is float else _ints
+        bounds = f" in [{option.min:g}, {option.max:g}]" if option.min is not None and option.max is not None else ""
+        kind, help_text = str, help_text + f" Comma list{bounds}."
+        convert = lambda value: None if value is None else tuple(parse(value, option.flag))
+        extra["show_default"] = bool(option.default) and not unset
+    elif option.type == (str | float):
+        kind = str
+    elif type(None) in get_args(option.type):
+        kind = next(t for t in get_args(option.type) if t is not type(None))
+    if option.element is None:
+        extra.update({k: v for k, v in (("min", option.min), ("max", option.max)) if v is not None})
+    default = None if unset else (_shown(option.default) if option.element is not None else option.default)
+    info = typer.Option(default, help=help_text + note + help_suffix, hidden=option.hidden,
+                        rich_help_panel=panel, **extra)
+    return option.name, Optional[kind] if default is None else kind, info, convert
+
+
+def _with_flags(into: str, flags: list):
+    """Decorator: the command gets one parameter per flag (from `_flag`) where its parameter `into` stands, and
+    receives their converted values as one dict `into`, so no option is spelled twice."""
+    import functools
+    import inspect
+    import typing
+
+    def wrap(fn):
+        hints = typing.get_type_hints(fn)
+        signature = inspect.signature(fn)
+        params = []
+        for p in signature.parameters.values():
+            if p.name == into:
+                params += [inspect.Parameter(name, p.kind, default=info, annotation=annotation)
+                           for name, annotation, info, _ in flags]
+            else:
+                params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+        converters = {name: convert for name, _, _, convert in flags}
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            values = {name: convert(kwargs.pop(name)) for name, convert in converters.items()}
+            return fn(**kwargs, **{into: values})
+
+        del command.__wrapped__  # typer reads the signature below, not fn's
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+def _compression_flags() -> list:
+    """Every compression option's flag: the shared ones, then each method's own, in a help panel each."""
+    from .methods import specs
+    from .options import SHARED
+
+    flags = [_flag(o, panel="Compression options (every method)") for o in SHARED if o.cli]
+    for spec in specs():
+        flags += [_flag(o, help_prefix=f"{spec.name}: ", panel=f"{spec.name} options") for o in spec.options if o.cli]
+    return flags
 
 
 def _fail(message: str) -> None:
@@ -77,6 +181,7 @@ def print_summary(plan: dict, out_dir: Optional[Path]) -> None:
 
 
 @app.command()
+@_with_flags("options", _compression_flags())
 def compress(
     model: Optional[str] = typer.Argument(
         None, help="Local HF folder, .gguf file, or hub id (online). Default: embedded SmolLM2-135M-Instruct."
@@ -87,53 +192,19 @@ def compress(
     ),
     target_layers: Optional[int] = typer.Option(None, help="Number of decoder layers to keep (instead of --ratio)."),
     method: str = typer.Option(DEFAULT_METHOD, help="Compression method; `come methods` lists them."),
-    calib: str = typer.Option(default("calib"), help=help_text("calib")),
-    nsamples: Optional[int] = typer.Option(None, min=1, help=help_text("nsamples")),
-    seqlen: Optional[int] = typer.Option(None, min=2, help=help_text("seqlen")),
-    seed: int = typer.Option(default("seed"), help=help_text("seed")),
-    batch_size: int = typer.Option(default("batch_size"), min=1, help=help_text("batch_size")),
-    merge_size: int = typer.Option(default("merge_size"), min=2, help=help_text("merge_size")),
-    # None: the method's default (methods.register(defaults=...)), else options.py's.
-    allow_remerge: Optional[bool] = typer.Option(None, help=help_text("allow_remerge")),
-    protect_first: Optional[int] = typer.Option(None, min=0, help=help_text("protect_first")),
-    norm: NormMode = typer.Option(default("norm"), help=help_text("norm")),
-    output_norm: OutputNorm = typer.Option(default("output_norm"), help=help_text("output_norm")),
-    sbi_tokens: SbiTokens = typer.Option(default("sbi_tokens"), help=help_text("sbi_tokens")),
-    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
-    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
-    search_loss: Optional[SearchLoss] = typer.Option(None, help=help_text("search_loss")),
-    refit: Optional[bool] = typer.Option(None, help=help_text("refit")),
-    refit_damping: str = typer.Option(default("refit_damping"), help=help_text("refit_damping")),
-    search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
-    search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
-    search_deletion_rank: DeletionRank = typer.Option(default("search_deletion_rank"),
-                                                      help=help_text("search_deletion_rank")),
-    search_screen_samples: int = typer.Option(default("search_screen_samples"), min=1,
-                                              help=help_text("search_screen_samples")),
-    search_ratios: str = typer.Option(
-        ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
-        show_default=False,
-    ),
-    drop_layers: str = typer.Option("", help=help_text("drop_layers") + " Comma list.", show_default=False),
-    replaceme_objective: ReplacemeObjective = typer.Option(default("replaceme_objective"),
-                                                           help=help_text("replaceme_objective")),
-    replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     layerwise: bool = typer.Option(
         False, "--layerwise", help="Never hold the model: read one decoder layer at a time from MODEL's safetensors."
     ),
-    activation_dtype: str = typer.Option(default("activation_dtype"), help=help_text("activation_dtype")),
-    activation_storage: Storage = typer.Option(default("activation_storage"), help=help_text("activation_storage")),
-    cache_dir: Optional[Path] = typer.Option(None, help=help_text("cache_dir")),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
     save_dtype: Optional[str] = typer.Option(
         None, help="Dtype of the saved weights: float32 | bfloat16 | float16. Default: the source checkpoint's "
         "(a GGUF source: bfloat16), whatever --dtype computed in.",
     ),
-    incremental: bool = typer.Option(default("incremental"), hidden=True, help=help_text("incremental")),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    options: Optional[dict] = None,  # every compression option's flag (options.py, methods/catalog.py)
 ) -> None:
     """Compress MODEL to fewer layers and write a standard checkpoint to --out."""
     try:
@@ -151,35 +222,8 @@ def compress(
             layerwise=layerwise,
             max_shard_size=max_shard_size,
             save_dtype=save_dtype,
-            activation_dtype=activation_dtype,
-            activation_storage=activation_storage.value,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            incremental=incremental,
-            calib=calib,
-            nsamples=nsamples,
-            seqlen=seqlen,
-            seed=seed,
-            batch_size=batch_size,
-            merge_size=merge_size,
-            allow_remerge=allow_remerge,
-            protect_first=protect_first,
-            norm=norm.value,
-            output_norm=output_norm.value,
-            sbi_tokens=sbi_tokens.value,
-            granularity=granularity,
-            search_samples=search_samples,
-            search_loss=search_loss.value if search_loss is not None else None,
-            refit=refit,
-            refit_damping=refit_damping,
-            search_windows=search_windows,
-            search_deletions=search_deletions,
-            search_deletion_rank=search_deletion_rank.value,
-            search_screen_samples=search_screen_samples,
-            search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
-            drop_layers=tuple(_ints(drop_layers, "--drop-layers")),
-            replaceme_objective=replaceme_objective.value,
-            replaceme_blocks=replaceme_blocks,
             progress=not quiet,
+            **options,
         )
     except _user_errors() as exc:
         _fail(str(exc))
@@ -258,20 +302,6 @@ def eval_command(
     except _user_errors() as exc:
         _fail(str(exc))
     print_report(result)
-
-
-def _floats(value: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{option} takes comma-separated numbers, got {value!r}")
-
-
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
 
 
 def _method_options(items: list[str]) -> dict[str, dict]:
