@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .distill.options import DEFAULT_TOKENS, TOKENS_HELP  # light: the training code is imported on first use
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
 from .options import default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
@@ -490,45 +491,21 @@ def methods() -> None:
         typer.echo(f"{name:12s} {description}")
 
 
+def _distill_flags() -> list:
+    from .distill.options import DistillOptions
+    from .options import options_of
+
+    return [_flag(o, compression=False) for o in options_of(DistillOptions) if o.cli]
+
+
 @app.command("distill")
+@_with_flags("options", _distill_flags())
 def distill_command(
     compressed: Path = typer.Argument(..., help="Folder written by `come compress` (the student)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; work state in OUT.partial/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model. Default: the original model named in come_plan.json."),
-    data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset | a mixture A+B."),
-    tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (stage 2 makes one pass over them unless --global-steps; stage 1 trains each layer on them)."),
-    seqlen: int = typer.Option(512, min=2, help="Tokens per training sequence."),
-    epochs: int = typer.Option(1, min=1, help="Stage-1 passes over the tokens."),
-    layers: str = typer.Option("none", help="Stage-1 (per-layer, teacher-forced) layers: none (the default: end to end only) | merged (stand for >1 original layer) | all."),
-    loss: str = typer.Option("mse", help="Stage-1 loss: mse (normalised) | cosine | kl (through the teacher's final norm and head)."),
-    lr: float = typer.Option(1e-4, help="Stage-1 peak learning rate."),
-    cache_dtype: str = typer.Option("bfloat16", help="Teacher hidden-state cache on disk: float32 | bfloat16 | float16."),
-    global_steps: Optional[int] = typer.Option(None, min=0, help="Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
-                                               "--tokens; 0 skips stage 2."),
-    global_lr: float = typer.Option(1e-3, help="Stage-2 peak learning rate (the default suits --lora adapters)."),
-    temperature: float = typer.Option(1.0, help="KD temperature."),
-    hidden_weight: float = typer.Option(0.0, help="Stage-2 weight of the hidden-state alignment loss (0: logit KD alone)."),
-    train: str = typer.Option("all", help="Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all."),
-    lora: int = typer.Option(16, min=0, help="Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps "
-                             "instead of their weights; merged into the weights at the end (a standard checkpoint). 0: train the weights themselves (then use --global-lr near 1e-4)."),
-    lora_alpha: float = typer.Option(0.0, min=0.0, help="LoRA alpha (scale alpha/R); 0 means 2 x R."),
-    heldout_tokens: int = typer.Option(4096, min=1, help="Held-out tokens (whole windows of --seqlen, never trained on) on which "
-                                       "the KL to the teacher judges every candidate; the output is the best one, the input itself "
-                                       "if training did not lower it."),
-    heldout_data: Optional[str] = typer.Option(None, help="Held-out text for that check. Default: --data, windows disjoint from training."),
-    eval_every: int = typer.Option(50, min=0, help="Stage-2 steps between held-out checks (0: only at the end)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
-    fsdp: bool = typer.Option(False, help="Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for models too big for one device."),
-    warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
-    batch_size: int = typer.Option(2, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
-    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
-    weight_decay: float = typer.Option(0.0),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping; 0 disables it."),
-    seed: int = typer.Option(0),
-    dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
-    workers: int = typer.Option(1, min=1, help="Processes (torch.distributed: gloo on CPU, nccl on GPU); ignored under torchrun."),
-    save_every: int = typer.Option(50, min=1, help="Checkpoint every this many optimizer steps."),
+    tokens: int = typer.Option(DEFAULT_TOKENS, min=1, help=TOKENS_HELP),
+    options: Optional[dict] = None,  # every DistillOptions field's flag (distill/options.py)
     resume: bool = typer.Option(False, help="Continue the unfinished run in OUT.partial/ from its last checkpoints."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder and discard an unfinished run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
@@ -537,15 +514,8 @@ def distill_command(
     try:
         from .distill import distill
 
-        summary = distill(
-            compressed, out, teacher=teacher, data=data, tokens=tokens, resume=resume, overwrite=overwrite,
-            seqlen=seqlen, epochs=epochs, layers=layers, loss=loss, lr=lr, cache_dtype=cache_dtype,
-            global_steps=global_steps, global_lr=global_lr, temperature=temperature, hidden_weight=hidden_weight,
-            train=train, lora=lora, lora_alpha=lora_alpha, heldout_tokens=heldout_tokens, heldout_data=heldout_data,
-            eval_every=eval_every, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, warmup=warmup, batch_size=batch_size,
-            grad_accum=grad_accum, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
-            device=device, workers=workers, save_every=save_every, progress=not quiet,
-        )
+        summary = distill(compressed, out, teacher=teacher, tokens=tokens, resume=resume, overwrite=overwrite,
+                          progress=not quiet, **options)
     except _user_errors() as exc:
         _fail(str(exc))
     if quiet or not summary:  # ranks other than 0 under torchrun return nothing

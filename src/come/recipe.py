@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -50,10 +50,10 @@ def _compression_options_model():
 
 
 def _distill_options_model():
-    from .distill import DistillOptions
+    from .distill.options import DEFAULT_TOKENS, DistillOptions
     from .options import options_of, schema
 
-    return schema(options_of(DistillOptions), "DistillStage", tokens=(int, 262_144))
+    return schema(options_of(DistillOptions), "DistillStage", tokens=(Annotated[int, Field(ge=1)], DEFAULT_TOKENS))
 
 
 class _Strict(BaseModel):
