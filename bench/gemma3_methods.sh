@@ -6,5 +6,4 @@ set -euo pipefail
 exec come bench gemma3-270m --out bench/results/gemma3_methods \
   --methods dense,shortgpt,come-paper:come,come-search,come-search-512:come-search,sleb --ratios 0.1,0.05 --ppl-max-tokens 32768 \
   --set come-paper.allow_remerge=false --set sleb.search_samples=8 \
-  --set come-search.nsamples=128 --set come-search.seqlen=128 --set come-search.search_samples=16 \
-  --set come-search-512.search_samples=4 "$@"
+  --set come-search-512.nsamples=32 --set come-search-512.seqlen=512 --set come-search-512.search_samples=4 "$@"

@@ -6,5 +6,4 @@
 set -euo pipefail
 exec come bench gemma3-270m --out bench/results/gemma3_zeroshot \
   --methods dense,shortgpt,come-search,come-paper:come,sleb@0.1 --ratios 0.05,0.1 --ppl-max-tokens 32768 \
-  --tasks all --limit 300 --set come-paper.allow_remerge=false --set sleb.search_samples=8 \
-  --set come-search.nsamples=128 --set come-search.seqlen=128 --set come-search.search_samples=16 "$@"
+  --tasks all --limit 300 --set come-paper.allow_remerge=false --set sleb.search_samples=8 "$@"

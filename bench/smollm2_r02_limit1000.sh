@@ -6,6 +6,5 @@
 set -euo pipefail
 exec come bench --out bench/results/smollm2_r02_limit1000 \
   --methods dense,come-search,sleb-layers+refit:drop,sleb-layers:drop --ratios 0.2 --limit 1000 --ppl-max-tokens 32768 \
-  --set come-search.nsamples=128 --set come-search.seqlen=128 --set come-search.search_samples=16 \
   --set 'sleb-layers.drop_layers=[5,12,13,14,15,16,17,18]' \
   --set 'sleb-layers+refit.drop_layers=[5,12,13,14,15,16,17,18]' --set sleb-layers+refit.refit=true "$@"

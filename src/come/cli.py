@@ -10,7 +10,6 @@ import typer
 
 from .distill.options import DEFAULT_TOKENS, TOKENS_HELP  # light: the training code is imported on first use
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
-from .options import default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -308,10 +307,10 @@ def eval_command(
 def _method_options(items: list[str]) -> dict[str, dict]:
     import json
 
-    from .options import CompressionOptions
+    from .bench import GRID_OPTIONS
+    from .options import all_options
 
-    # seed and progress are shared by the whole grid (--seed, --quiet).
-    known = set(CompressionOptions.__dataclass_fields__) - {"seed", "progress"}
+    known = set(all_options()) - set(GRID_OPTIONS)  # seed and progress are the whole grid's (--seed, --quiet)
     options: dict[str, dict] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -331,9 +330,10 @@ def _method_options(items: list[str]) -> dict[str, dict]:
 def _distill_options(items: list[str]) -> dict:
     import json
 
-    from .distill import DistillOptions
+    from .bench import DISTILL_RUN_CONTROL
+    from .distill.options import DistillOptions
 
-    known = (set(DistillOptions.__dataclass_fields__) | {"tokens"}) - {"seed", "progress", "workers", "save_every"}
+    known = (set(DistillOptions.__dataclass_fields__) | {"tokens"}) - set(DISTILL_RUN_CONTROL)
     options = {}
     for item in items:
         name, sep, raw = item.partition("=")
@@ -367,7 +367,21 @@ def _command_line(prefix: str, ctx: typer.Context) -> str:
     return " ".join(parts)
 
 
+# Options `come bench` takes for every method at once; not given, each method keeps its own default.
+_BENCH_WIDE = ("nsamples", "search_samples", "granularity")
+PPL_SEQLEN = 512
+
+
+def _bench_flags() -> list:
+    from .options import all_options, owner
+
+    return [_flag(all_options()[name], given_only=True, help_prefix=f"{owner(name)}: " if owner(name) else "",
+                  help_suffix=" Given, the same for every method that has it "
+                  "(--set METHOD.OPTION=VALUE for one).") for name in _BENCH_WIDE]
+
+
 @app.command()
+@_with_flags("options", _bench_flags())
 def bench(
     click_context: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
@@ -379,11 +393,11 @@ def bench(
     tasks: str = typer.Option("all", help="Zero-shot tasks: all, a comma list, or none."),
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
     ppl_max_tokens: Optional[int] = typer.Option(None, help="Perplexity tokens per source (default: all)."),
-    seqlen: int = typer.Option(512, min=2, help="Perplexity window and calibration sequence length (every method; --set METHOD.seqlen=N for one)."),
-    nsamples: int = typer.Option(default("nsamples"), min=1, help="Calibration sequences, the same for every method "
-                                 "(a method's own default applies only through --set METHOD.nsamples=N)."),
-    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
-    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
+    seqlen: Optional[int] = typer.Option(
+        None, min=2, help=f"Perplexity window length ({PPL_SEQLEN} when not given). Given, also every method's "
+        "calibration sequence length (otherwise each method's own; --set METHOD.seqlen=N for one).",
+    ),
+    options: Optional[dict] = None,  # calibration options given for every method (_BENCH_WIDE)
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     keep_models: bool = typer.Option(False, help="Keep compressed checkpoints (default: delete after evaluation)."),
@@ -412,25 +426,26 @@ def bench(
         from .bench import run_bench
         from .evaluate import parse_list
 
+        grid = {
+            "model": model,
+            "methods": [m.strip() for m in methods.split(",") if m.strip()],
+            "ratios": _floats(ratios, "--ratios"),
+            "ppl_sources": parse_list(ppl, ("wikipedia", "lambada")),
+            "tasks": parse_list(tasks, PAPER_TASKS),
+            "limit": limit,
+            "ppl_max_tokens": ppl_max_tokens,
+            "seqlen": seqlen or PPL_SEQLEN,
+            "batch_size": batch_size,
+            "seed": seed,
+            "compress_options": {k: v for k, v in {**options, "seqlen": seqlen}.items() if v is not None},
+            "method_options": _method_options(set_option),
+            "distill_methods": [m.strip() for m in distill_methods.split(",") if m.strip()],
+            "distill_options": _distill_options(distill_set),
+        }
         rows = run_bench(
-            model,
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
-            ratios=_floats(ratios, "--ratios"),
+            **grid,
             out=out,
-            ppl_sources=parse_list(ppl, ("wikipedia", "lambada")),
-            tasks=parse_list(tasks, PAPER_TASKS),
-            limit=limit,
-            ppl_max_tokens=ppl_max_tokens,
-            seqlen=seqlen,
-            batch_size=batch_size,
-            seed=seed,
             keep_models=keep_models,
-            compress_options={
-                "nsamples": nsamples, "seqlen": seqlen, "search_samples": search_samples, "granularity": granularity,
-            },
-            method_options=_method_options(set_option),
-            distill_methods=[m.strip() for m in distill_methods.split(",") if m.strip()],
-            distill_options=_distill_options(distill_set),
             progress=not quiet,
             report_only=report_only,
             fill_kl=fill_kl,

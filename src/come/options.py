@@ -165,14 +165,6 @@ def owner(name: str) -> str | None:
     return next((spec.name for spec in specs() for o in spec.options if o.name == name), None)
 
 
-def default(name: str):
-    return all_options()[name].default
-
-
-def help_text(name: str) -> str:
-    return all_options()[name].help
-
-
 def choice_enum(option: Option):
     """A str Enum of a Literal option's values, for CLIs that list choices (typer)."""
     from enum import Enum
