@@ -199,3 +199,52 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     assert "not run yet: come-search-r0.2." in (out / "results.md").read_text()
     assert result.output.count("done already") == 3
 
+
+def test_a_benchmark_definition_is_the_grid_validated_before_any_work(tmp_path):
+    from come.bench import cell_options, load_definition
+
+    out = tmp_path / "bench"
+    definition = tmp_path / "grid.yaml"
+    definition.write_text(f"""
+out: {out}
+ratios: [0.2, 0.1]
+ppl: [wikipedia]
+tasks: none
+methods:
+  dense:
+  shortgpt:
+  paper: {{method: come, ratios: [0.2], options: {{allow_remerge: false}}}}
+distill: {{methods: [paper], options: {{tokens: 256}}}}
+""")
+    grid = load_definition(definition)
+    assert grid["methods"] == ["dense:dense", "shortgpt:shortgpt", "paper:come@0.2"]
+    assert grid["method_options"] == {"paper": {"allow_remerge": False}} and grid["tasks"] == []
+    assert grid["distill_methods"] == ["paper"] and grid["out"] == out
+
+    # The cells of that grid, as it would write them: --report-only finds them all.
+    (out / "cells").mkdir(parents=True)
+    base = {"model": None, "ppl": ["wikipedia"], "tasks": [], "limit": None, "ppl_max_tokens": None, "seqlen": 512,
+            "seed": 0}
+    from come.bench import distill_settings
+
+    for name, method, options in [("dense", None, None), ("shortgpt-r0.2", "shortgpt", {}),
+                                  ("shortgpt-r0.1", "shortgpt", {}), ("paper-r0.2", "come", {"allow_remerge": False}),
+                                  ("paper+distill-r0.2", "come", {"allow_remerge": False})]:
+        settings = dict(base) if method is None else {**base, "method": method, "options": cell_options(method, options)}
+        if "distill" in name:
+            settings["distill"] = distill_settings({"tokens": 256})
+        row = {"method": name.split("-r")[0], "ratio": 0.2, "removed_fraction": 0.2, "ppl_wikipedia": 20.0}
+        (out / "cells" / f"{name}.json").write_text(json.dumps({"settings": settings, "row": row}))
+    result = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only", "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done already") == 5 and "Partial table" not in (out / "results.md").read_text()
+    assert f"--definition {definition}" in (out / "results.md").read_text()
+
+    both = runner.invoke(app, ["bench", "--definition", str(definition), "--ratios", "0.3", "--report-only"])
+    assert both.exit_code == 2 and "--ratios" in both.output and "not on the command line" in both.output
+    definition.write_text(definition.read_text().replace("allow_remerge: false", "allow_remerge: false, granularity: 0"))
+    bad = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only"])
+    assert bad.exit_code == 2 and "methods.paper.options.granularity" in bad.output
+    definition.write_text(definition.read_text().replace("ppl:", "perplexity:"))
+    bad = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only"])
+    assert bad.exit_code == 2 and "perplexity" in bad.output

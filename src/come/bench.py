@@ -108,6 +108,110 @@ def migrate_settings(settings: dict, label: str) -> dict:
     return old
 
 
+def load_definition(path: str | Path) -> dict:
+    """A benchmark definition (bench/*.yaml), validated as a whole before any work, as `run_bench` arguments.
+
+        model: gemma3-270m            # optional: the default model
+        out: bench/results/gemma3     # the results folder (--out overrides it)
+        ratios: [0.1, 0.05]
+        ppl: [wikipedia, lambada]     # perplexity sources (default), or none
+        tasks: all                    # all (default) | none | a list
+        limit: 300                    # documents per task (default: all)
+        ppl_max_tokens: 32768         # (default: all)
+        seqlen: 512                   # perplexity window (default 512)
+        options: {}                   # compression options for every method (default: each method's own)
+        methods:                      # label: entry; the label is the method unless `method` says otherwise
+          dense:                      # the uncompressed reference
+          come-search:
+          come-paper: {method: come, options: {allow_remerge: false}}
+          sleb: {ratios: [0.1]}       # only at these ratios
+        distill:                      # optional: a LABEL+distill cell per ratio of these labels
+          methods: [come-search]
+          options: {tokens: 131072}   # `come distill` options, the same for every label
+
+    Options are checked against their definitions (options.py, methods/catalog.py, DistillOptions), as
+    recipes and --set are."""
+    import yaml
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from .options import validated
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Entry(Strict):
+        method: str | None = None
+        ratios: list[float] | None = None
+        options: dict = Field(default_factory=dict)
+
+    class Distill(Strict):
+        methods: list[str]
+        options: dict = Field(default_factory=dict)
+
+    class Definition(Strict):
+        model: str | None = None
+        out: str
+        ratios: list[float]
+        ppl: list[str] | str = "wikipedia,lambada"
+        tasks: list[str] | str = "all"
+        limit: int | None = Field(None, ge=1)
+        ppl_max_tokens: int | None = Field(None, ge=2)
+        seqlen: int = Field(512, ge=2)
+        batch_size: int = Field(8, ge=1)
+        seed: int = 0
+        options: dict = Field(default_factory=dict)
+        methods: dict[str, Entry | None]
+        distill: Distill | None = None
+
+    path = Path(path)
+    if not path.is_file():
+        raise ComeError(f"no such benchmark definition: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        definition = Definition.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ComeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ComeError(f"{path}: {'; '.join(parts)}") from None
+    from .evaluate import parse_list
+    from .tasks import PAPER_TASKS
+
+    def as_list(value, everything):
+        return parse_list(",".join(value) if isinstance(value, list) else value, everything)
+
+    specs, method_options = [], {}
+    for label, entry in definition.methods.items():
+        entry = entry or Entry()
+        ratios = "/".join(f"{r:g}" for r in entry.ratios) if entry.ratios else ""
+        specs.append(f"{label}:{entry.method or label}" + (f"@{ratios}" if ratios else ""))
+        if entry.options:
+            try:
+                method_options[label] = validated(entry.options, f"methods.{label}.options")
+            except ComeError as exc:
+                raise ComeError(f"{path}: {exc}") from None
+    try:
+        grid_wide = validated(definition.options, "options")
+    except ComeError as exc:
+        raise ComeError(f"{path}: {exc}") from None
+    distill = definition.distill or Distill(methods=[])
+    if distill.options:
+        from .recipe import _distill_options_model
+
+        try:
+            _distill_options_model().model_validate(distill.options)
+        except ValidationError as exc:
+            parts = [f"distill.options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            raise ComeError(f"{path}: {'; '.join(parts)}") from None
+    return {
+        "model": definition.model, "methods": specs, "ratios": definition.ratios, "out": Path(definition.out),
+        "ppl_sources": as_list(definition.ppl, ("wikipedia", "lambada")), "tasks": as_list(definition.tasks, PAPER_TASKS),
+        "limit": definition.limit, "ppl_max_tokens": definition.ppl_max_tokens, "seqlen": definition.seqlen,
+        "batch_size": definition.batch_size, "seed": definition.seed, "compress_options": grid_wide,
+        "method_options": method_options, "distill_methods": distill.methods, "distill_options": distill.options,
+    }
+
+
 def run_bench(
     model: str | None,
     methods: list[str],

@@ -385,7 +385,13 @@ def _bench_flags() -> list:
 def bench(
     click_context: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished cells found there are skipped."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder; finished cells found there are "
+                                       "skipped. Required unless --definition names one."),
+    definition: Optional[Path] = typer.Option(
+        None, help="A benchmark definition (YAML, e.g. bench/smollm2_methods.yaml): the grid (model, methods and "
+        "their options, ratios, evaluation, distillation) instead of the flags that set it; --out, --keep-models, "
+        "--report-only, --fill-kl and --quiet still apply.",
+    ),
     methods: str = typer.Option("dense,come,shortgpt", help="Comma list of methods; 'dense' is the uncompressed reference. "
                                  "LABEL:METHOD is a variant (see --set); a trailing @0.2 (or @0.1/0.3) runs it at those ratios only."),
     ratios: str = typer.Option("0.1,0.2,0.3", help="Comma list of parameter fractions to remove."),
@@ -423,25 +429,37 @@ def bench(
 ) -> None:
     """Compress and evaluate every (method, ratio) cell; write results.md, results.csv and results.png."""
     try:
-        from .bench import run_bench
+        from .bench import load_definition, run_bench
         from .evaluate import parse_list
 
-        grid = {
-            "model": model,
-            "methods": [m.strip() for m in methods.split(",") if m.strip()],
-            "ratios": _floats(ratios, "--ratios"),
-            "ppl_sources": parse_list(ppl, ("wikipedia", "lambada")),
-            "tasks": parse_list(tasks, PAPER_TASKS),
-            "limit": limit,
-            "ppl_max_tokens": ppl_max_tokens,
-            "seqlen": seqlen or PPL_SEQLEN,
-            "batch_size": batch_size,
-            "seed": seed,
-            "compress_options": {k: v for k, v in {**options, "seqlen": seqlen}.items() if v is not None},
-            "method_options": _method_options(set_option),
-            "distill_methods": [m.strip() for m in distill_methods.split(",") if m.strip()],
-            "distill_options": _distill_options(distill_set),
-        }
+        if definition is not None:
+            run_controls = {"definition", "out", "keep_models", "report_only", "fill_kl", "quiet"}
+            given = [p.opts[0] for p in click_context.command.params if p.name not in run_controls
+                     and getattr(click_context.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
+            if given:
+                _fail(f"--definition sets the grid; give {', '.join(given)} in {definition}, not on the command line")
+            grid = load_definition(definition)
+            out = out or grid["out"]
+            del grid["out"]
+        else:
+            if out is None:
+                _fail("give --out (or a --definition that names the results folder)")
+            grid = {
+                "model": model,
+                "methods": [m.strip() for m in methods.split(",") if m.strip()],
+                "ratios": _floats(ratios, "--ratios"),
+                "ppl_sources": parse_list(ppl, ("wikipedia", "lambada")),
+                "tasks": parse_list(tasks, PAPER_TASKS),
+                "limit": limit,
+                "ppl_max_tokens": ppl_max_tokens,
+                "seqlen": seqlen or PPL_SEQLEN,
+                "batch_size": batch_size,
+                "seed": seed,
+                "compress_options": {k: v for k, v in {**options, "seqlen": seqlen}.items() if v is not None},
+                "method_options": _method_options(set_option),
+                "distill_methods": [m.strip() for m in distill_methods.split(",") if m.strip()],
+                "distill_options": _distill_options(distill_set),
+            }
         rows = run_bench(
             **grid,
             out=out,
