@@ -24,7 +24,7 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
     assert {r["method"] for r in rows} == {"dense", "come", "shortgpt", "laco", "shortgpt+refit"}
     # A labelled variant runs its base method with its own options.
     variant = json.loads((out / "cells" / "shortgpt+refit-r0.01.json").read_text())
-    assert variant["settings"]["base_method"] == "shortgpt" and variant["settings"]["method_options"] == {"refit": True}
+    assert variant["settings"]["method"] == "shortgpt" and variant["settings"]["options"]["refit"] is True
     assert all("refit" in layer for layer in variant["plan_layers"] if len(layer["covers"]) > 1)
     assert all(r["layer_passes"] > 0 for r in rows if r["method"] != "dense")
     assert all(r.get("ppl_wikipedia", 0) > 1 for r in rows)
@@ -139,3 +139,112 @@ def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):
     assert "not run yet: dense, shortgpt-r0.005, shortgpt-r0.01, x-r0.01." in table
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,x:drop@a", "--tasks", "none"])
     assert_error_line(bad, "after @ must be numbers")
+
+
+def test_cells_are_keyed_by_the_options_their_method_runs_with(monkeypatch):
+    """A cell's key is its method's resolved options: a changed default of that method changes it, another
+    method's does not; an override equal to the default changes nothing."""
+    import dataclasses
+
+    from come.bench import cell_options
+    from come.methods import get_spec, specs
+
+    search, shortgpt = cell_options("come-search", {}), cell_options("shortgpt", {})
+    assert (search["nsamples"], search["seqlen"], search["search_samples"], search["refit"]) == (128, 128, 16, True)
+    assert "search_windows" in search and "granularity" not in search and "search_windows" not in shortgpt
+    assert "seed" not in search and "progress" not in search  # the grid's
+    assert cell_options("come-search", {"nsamples": 128}) == search
+    assert cell_options("come-search", {"granularity": 5}) == search  # come-p's option: no effect here
+
+    spec = get_spec("come-search")
+    changed = dataclasses.replace(spec, defaults={**spec.defaults, "search_samples": 8})
+    monkeypatch.setattr("come.methods._REGISTRY", {s.name: (changed if s is spec else s) for s in specs()})
+    assert cell_options("come-search", {})["search_samples"] == 8 and cell_options("shortgpt", {}) == shortgpt
+
+
+def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
+    """Cells written when a cell was keyed by the user's overrides (grid-wide calibration for every method,
+    --set for its own) are read in today's form: the committed tables reproduce with --report-only."""
+    from come.bench import cell_options, migrate_settings
+
+    grid = {"model": None, "ppl": ["wikipedia"], "tasks": [], "limit": None, "ppl_max_tokens": 256, "seqlen": 512,
+            "seed": 0}
+    old = {**grid, "compress_options": {"nsamples": 32, "seqlen": 512, "search_samples": None, "granularity": 20},
+           "method_options": {"search_samples": 4}, "base_method": "come-search"}
+    new = migrate_settings(old, "come-search-512")
+    assert new == {**grid, "method": "come-search",
+                   "options": cell_options("come-search", {"nsamples": 32, "seqlen": 512, "search_samples": 4})}
+    assert migrate_settings(new, "come-search-512") == new
+    assert migrate_settings({**grid, "compress_options": {}, "method_options": {}}, "dense") == grid
+    distilled = migrate_settings({**old, "distill": {"tokens": 256, "lora": 0}}, "come-search-512+distill")
+    assert distilled["distill"]["tokens"] == 256 and distilled["distill"]["lora"] == 0
+    assert distilled["distill"]["global_lr"] == 1e-3 and "workers" not in distilled["distill"]
+
+    out = tmp_path / "bench"
+    (out / "cells").mkdir(parents=True)
+    for label in ("dense", "come-search-512", "shortgpt"):
+        name = label if label == "dense" else f"{label}-r0.2"
+        settings = {**old, "method_options": {} if label != "come-search-512" else old["method_options"]}
+        if label != "come-search-512":
+            settings.pop("base_method")
+        row = {"method": label, "ratio": 0.0 if label == "dense" else 0.2, "removed_fraction": 0.2, "ppl_wikipedia": 20.0}
+        (out / "cells" / f"{name}.json").write_text(json.dumps({"settings": settings, "row": row}))
+    args = ["bench", "--out", str(out), "--methods", "dense,come-search-512:come-search,shortgpt,come-search",
+            "--ratios", "0.2", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--tasks", "none", "--report-only",
+            "--set", "come-search-512.nsamples=32", "--set", "come-search-512.seqlen=512",
+            "--set", "come-search-512.search_samples=4", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # come-search ran with its own 128 x 128 calibration: the bench no longer gives it 32 x 512.
+    assert "not run yet: come-search-r0.2." in (out / "results.md").read_text()
+    assert result.output.count("done already") == 3
+
+
+def test_a_benchmark_definition_is_the_grid_validated_before_any_work(tmp_path):
+    from come.bench import cell_options, load_definition
+
+    out = tmp_path / "bench"
+    definition = tmp_path / "grid.yaml"
+    definition.write_text(f"""
+out: {out}
+ratios: [0.2, 0.1]
+ppl: [wikipedia]
+tasks: none
+methods:
+  dense:
+  shortgpt:
+  paper: {{method: come, ratios: [0.2], options: {{allow_remerge: false}}}}
+distill: {{methods: [paper], options: {{tokens: 256}}}}
+""")
+    grid = load_definition(definition)
+    assert grid["methods"] == ["dense:dense", "shortgpt:shortgpt", "paper:come@0.2"]
+    assert grid["method_options"] == {"paper": {"allow_remerge": False}} and grid["tasks"] == []
+    assert grid["distill_methods"] == ["paper"] and grid["out"] == out
+
+    # The cells of that grid, as it would write them: --report-only finds them all.
+    (out / "cells").mkdir(parents=True)
+    base = {"model": None, "ppl": ["wikipedia"], "tasks": [], "limit": None, "ppl_max_tokens": None, "seqlen": 512,
+            "seed": 0}
+    from come.bench import distill_settings
+
+    for name, method, options in [("dense", None, None), ("shortgpt-r0.2", "shortgpt", {}),
+                                  ("shortgpt-r0.1", "shortgpt", {}), ("paper-r0.2", "come", {"allow_remerge": False}),
+                                  ("paper+distill-r0.2", "come", {"allow_remerge": False})]:
+        settings = dict(base) if method is None else {**base, "method": method, "options": cell_options(method, options)}
+        if "distill" in name:
+            settings["distill"] = distill_settings({"tokens": 256})
+        row = {"method": name.split("-r")[0], "ratio": 0.2, "removed_fraction": 0.2, "ppl_wikipedia": 20.0}
+        (out / "cells" / f"{name}.json").write_text(json.dumps({"settings": settings, "row": row}))
+    result = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only", "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done already") == 5 and "Partial table" not in (out / "results.md").read_text()
+    assert f"--definition {definition}" in (out / "results.md").read_text()
+
+    both = runner.invoke(app, ["bench", "--definition", str(definition), "--ratios", "0.3", "--report-only"])
+    assert both.exit_code == 2 and "--ratios" in both.output and "not on the command line" in both.output
+    definition.write_text(definition.read_text().replace("allow_remerge: false", "allow_remerge: false, granularity: 0"))
+    bad = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only"])
+    assert bad.exit_code == 2 and "methods.paper.options.granularity" in bad.output
+    definition.write_text(definition.read_text().replace("ppl:", "perplexity:"))
+    bad = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only"])
+    assert bad.exit_code == 2 and "perplexity" in bad.output

@@ -156,3 +156,20 @@ def test_dense_reference_of_a_built_in_model_is_found(tmp_path, monkeypatch, kin
     assert calls == ["smollm2-135m"]
     # A local source that is gone: no dense column, no error.
     assert come.evaluate.dense_reference({"model": {"kind": "local", "path": str(tmp_path / "gone")}}, settings) is None
+
+
+def test_every_option_is_a_flag_defined_once():
+    """`come compress` has a flag for every compression option, shared or a method's own, with the defaults and
+    bounds of its one definition; values outside them are refused however the options are made."""
+    from come.errors import InvalidTarget
+    from come.options import CompressionOptions, all_options
+
+    text = runner.invoke(app, ["compress", "--help"], env={"COLUMNS": "250"}).output
+    for option in all_options().values():
+        assert (option.flag in text) == (option.cli and not option.hidden), option.name
+    assert "come-p: channel-ratio grid steps" in text and "Default: the method's (come-search: 128; others: 32)" in text
+    for bad in ({"granularity": 0}, {"laco_interval": 0}, {"search_ratios": (0.5, 2.0)}, {"norm": "max"}):
+        with pytest.raises(InvalidTarget):
+            CompressionOptions(**bad)
+    result = runner.invoke(app, ["compress", "--out", "x", "--granularity", "0"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and "--granularity" in result.output and "greater than or equal to 1" in result.output

@@ -16,6 +16,9 @@ from .outputs import atomic_file, atomic_write_text, check_writable, write_json_
 DENSE = "dense"
 DISTILLED = "+distill"
 BENCH_STAMP = "bench_settings.json"  # written into a kept model: the settings it was compressed with
+# Set for the whole grid (--seed, --quiet), not per cell.
+GRID_OPTIONS = ("seed", "progress")
+DISTILL_RUN_CONTROL = ("seed", "progress", "workers", "save_every")
 
 
 def cell_name(method: str, ratio: float) -> str:
@@ -46,6 +49,167 @@ def parse_method_spec(spec: str) -> MethodSpec:
         except ValueError:
             raise ComeError(f"{spec!r}: the ratios after @ must be numbers separated by /") from None
     return MethodSpec(label, method, ratios)
+
+
+def cell_options(method: str, given: dict) -> dict:
+    """The options a cell of `method` runs with: every option the method reads, resolved (given over the
+    method's defaults over the global ones); the seed is the grid's. A cell is keyed by these, so a changed
+    default makes the cells it affects run again, and only those."""
+    from .options import resolved_for
+
+    unknown = sorted(set(given) & set(GRID_OPTIONS))
+    if unknown:
+        raise ComeError(f"{', '.join(unknown)}: set for the whole grid (--seed, --quiet), not per method")
+    options = resolved_for(method, given)
+    return {k: v for k, v in options.items() if k not in GRID_OPTIONS}
+
+
+def distill_settings(given: dict) -> dict:
+    """The distillation options a +distill cell runs with: `given` over DistillOptions' defaults (the grid's
+    seed and the run controls, which do not change the result, left out)."""
+    import dataclasses
+    import json
+
+    from .distill.options import DEFAULT_TOKENS, DistillOptions, _check_options
+
+    given = dict(given)
+    tokens = given.pop("tokens", DEFAULT_TOKENS)
+    try:
+        options = DistillOptions(**given)
+    except TypeError as exc:
+        raise ComeError(f"--distill-set: {exc}") from None
+    _check_options(options)
+    options = dataclasses.asdict(options)
+    resolved = {k: v for k, v in options.items() if k not in DISTILL_RUN_CONTROL}
+    return json.loads(json.dumps({"tokens": tokens, **resolved}))
+
+
+def migrate_settings(settings: dict, label: str) -> dict:
+    """A cell's settings as `come bench` wrote them before cells were keyed by resolved options, in today's form.
+
+    Those cells recorded the user's overrides: `compress_options` given for every method (None: not given)
+    and `method_options` for the cell's own label, plus `base_method` for a variant and `distill` for a
+    distilled cell. They resolve now as they did when the cell ran, provided no default the cell relied on
+    changed since (the old key could not tell; such cells were relabelled or pinned by hand). Settings in
+    today's form are returned unchanged."""
+    if "compress_options" not in settings:
+        return settings
+    old = dict(settings)
+    bench_wide = {k: v for k, v in (old.pop("compress_options") or {}).items() if v is not None}
+    own = old.pop("method_options") or {}
+    base = old.pop("base_method", None)
+    distill = old.pop("distill", None)
+    method = label.removesuffix(DISTILLED)
+    if method != DENSE:
+        old["method"] = base or method
+        old["options"] = cell_options(old["method"], {**bench_wide, **own})
+    if distill is not None:
+        old["distill"] = distill_settings(distill)
+    return old
+
+
+def load_definition(path: str | Path) -> dict:
+    """A benchmark definition (bench/*.yaml), validated as a whole before any work, as `run_bench` arguments.
+
+        model: gemma3-270m            # optional: the default model
+        out: bench/results/gemma3     # the results folder (--out overrides it)
+        ratios: [0.1, 0.05]
+        ppl: [wikipedia, lambada]     # perplexity sources (default), or none
+        tasks: all                    # all (default) | none | a list
+        limit: 300                    # documents per task (default: all)
+        ppl_max_tokens: 32768         # (default: all)
+        seqlen: 512                   # perplexity window (default 512)
+        options: {}                   # compression options for every method (default: each method's own)
+        methods:                      # label: entry; the label is the method unless `method` says otherwise
+          dense:                      # the uncompressed reference
+          come-search:
+          come-paper: {method: come, options: {allow_remerge: false}}
+          sleb: {ratios: [0.1]}       # only at these ratios
+        distill:                      # optional: a LABEL+distill cell per ratio of these labels
+          methods: [come-search]
+          options: {tokens: 131072}   # `come distill` options, the same for every label
+
+    Options are checked against their definitions (options.py, methods/catalog.py, DistillOptions), as
+    recipes and --set are."""
+    import yaml
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from .options import validated
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Entry(Strict):
+        method: str | None = None
+        ratios: list[float] | None = None
+        options: dict = Field(default_factory=dict)
+
+    class Distill(Strict):
+        methods: list[str]
+        options: dict = Field(default_factory=dict)
+
+    class Definition(Strict):
+        model: str | None = None
+        out: str
+        ratios: list[float]
+        ppl: list[str] | str = "wikipedia,lambada"
+        tasks: list[str] | str = "all"
+        limit: int | None = Field(None, ge=1)
+        ppl_max_tokens: int | None = Field(None, ge=2)
+        seqlen: int = Field(512, ge=2)
+        batch_size: int = Field(8, ge=1)
+        seed: int = 0
+        options: dict = Field(default_factory=dict)
+        methods: dict[str, Entry | None]
+        distill: Distill | None = None
+
+    path = Path(path)
+    if not path.is_file():
+        raise ComeError(f"no such benchmark definition: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        definition = Definition.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ComeError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ComeError(f"{path}: {'; '.join(parts)}") from None
+    from .evaluate import parse_list
+    from .tasks import PAPER_TASKS
+
+    def as_list(value, everything):
+        return parse_list(",".join(value) if isinstance(value, list) else value, everything)
+
+    specs, method_options = [], {}
+    for label, entry in definition.methods.items():
+        entry = entry or Entry()
+        ratios = "/".join(f"{r:g}" for r in entry.ratios) if entry.ratios else ""
+        specs.append(f"{label}:{entry.method or label}" + (f"@{ratios}" if ratios else ""))
+        if entry.options:
+            try:
+                method_options[label] = validated(entry.options, f"methods.{label}.options")
+            except ComeError as exc:
+                raise ComeError(f"{path}: {exc}") from None
+    try:
+        grid_wide = validated(definition.options, "options")
+    except ComeError as exc:
+        raise ComeError(f"{path}: {exc}") from None
+    distill = definition.distill or Distill(methods=[])
+    if distill.options:
+        from .recipe import _distill_options_model
+
+        try:
+            _distill_options_model().model_validate(distill.options)
+        except ValidationError as exc:
+            parts = [f"distill.options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+            raise ComeError(f"{path}: {'; '.join(parts)}") from None
+    return {
+        "model": definition.model, "methods": specs, "ratios": definition.ratios, "out": Path(definition.out),
+        "ppl_sources": as_list(definition.ppl, ("wikipedia", "lambada")), "tasks": as_list(definition.tasks, PAPER_TASKS),
+        "limit": definition.limit, "ppl_max_tokens": definition.ppl_max_tokens, "seqlen": definition.seqlen,
+        "batch_size": definition.batch_size, "seed": definition.seed, "compress_options": grid_wide,
+        "method_options": method_options, "distill_methods": distill.methods, "distill_options": distill.options,
+    }
 
 
 def run_bench(
@@ -79,7 +243,8 @@ def run_bench(
     (scored before it was measured) get their model rebuilt and KL/top-1 added, after checking that the
     rebuilt plan and perplexity equal the recorded ones."""
     from .evaluate import evaluate
-    from .methods import get_method
+    from .methods import get_spec
+    from .options import validated
     from .pipeline import compress
 
     specs = {spec.label: spec for spec in map(parse_method_spec, methods)}
@@ -89,16 +254,30 @@ def run_bench(
     base_of = {label: spec.method for label, spec in specs.items()}
     for method in base_of.values():
         if method != DENSE:
-            get_method(method)  # unknown names fail before any work
+            get_spec(method)  # unknown names fail before any work
     stray = sorted(set(method_options or {}) - set(methods))
     if stray:
         raise ComeError(f"--set names method(s) not in --methods: {', '.join(stray)}")
+    # What each label runs with, checked before any work: its --set over the grid-wide options.
+    grid_wide = validated(compress_options or {}, "options")
+    resolved = {}
+    for label in methods:
+        if label != DENSE:
+            given = validated((method_options or {}).get(label, {}), label)
+            try:
+                resolved[label] = cell_options(base_of[label], {**grid_wide, **given})
+            except ComeError as exc:
+                raise ComeError(f"{label}: {exc}") from None
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise ComeError(f"--ratios must be values in (0, 1), got {ratios}")
     distill_methods = list(distill_methods or [])
     unknown = sorted(set(distill_methods) - (set(methods) - {DENSE}))
     if unknown:
         raise ComeError(f"--distill names method(s) not in --methods: {', '.join(unknown)}")
+    grid_only = sorted(set(distill_options or {}) & set(DISTILL_RUN_CONTROL))
+    if grid_only:
+        raise ComeError(f"distillation option(s) {', '.join(grid_only)}: the grid's (--seed, --quiet) or run "
+                        "controls, not part of a cell")
     out = Path(out)
     check_writable(out, "bench")  # before hours of work, not after the first cell
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -106,7 +285,8 @@ def run_bench(
     cells = [(m, 0.0) for m in methods if m == DENSE] + [
         (m, r) for r in ratios for m in methods if m != DENSE and (only_at[m] is None or r in only_at[m])]
     cells += [(f"{m}{DISTILLED}", r) for r in ratios for m in distill_methods if only_at[m] is None or r in only_at[m]]
-    settings = {
+    distilled_with = distill_settings(distill_options or {}) if distill_methods else None
+    settings = {  # what every cell shares; seqlen is the perplexity window's
         "model": model,
         "ppl": ppl_sources,
         "tasks": tasks,
@@ -114,8 +294,6 @@ def run_bench(
         "ppl_max_tokens": ppl_max_tokens,
         "seqlen": seqlen,
         "seed": seed,
-        "compress_options": compress_options or {},
-        "method_options": method_options or {},
     }
     # Every cell's model is written (and evaluated) in one dtype, so methods compare on equal terms;
     # recorded only when not float32, so cells finished before this knob existed stay valid.
@@ -127,15 +305,17 @@ def run_bench(
         cell_file = out / "cells" / f"{name}.json"
         method = label.removesuffix(DISTILLED)
         distilled = method != label
-        # A cell depends on the shared settings and on its own method's overrides only.
-        cell_settings = {**settings, "method_options": (method_options or {}).get(method, {})}
-        if base_of[method] != method:
-            cell_settings["base_method"] = base_of[method]
+        # A cell depends on the shared settings and on the options its own method runs with, resolved.
+        cell_settings = dict(settings)
+        if method != DENSE:
+            cell_settings.update(method=base_of[method], options=resolved[method])
         if distilled:
-            cell_settings["distill"] = distill_options or {}
+            cell_settings["distill"] = distilled_with
         previous = json.loads(cell_file.read_text()) if cell_file.is_file() else None
-        if previous is not None and previous.get("settings") != cell_settings:
-            previous = None  # made under other settings: redo
+        if previous is not None:
+            previous["settings"] = migrate_settings(previous.get("settings") or {}, label)
+            if previous["settings"] != cell_settings:
+                previous = None  # made under other settings: redo
         # --fill-kl: a finished compressed cell scored before KL was measured gets its model rebuilt (same
         # settings, so the same plan: checked) and only KL and top-1 agreement added.
         fill = (previous is not None and fill_kl and method != DENSE and "error" not in previous["row"]
@@ -153,15 +333,13 @@ def run_bench(
             model_dir = out / "models" / cell_name(method, ratio)
             made_with = {k: v for k, v in cell_settings.items() if k != "distill"}
             stamp = model_dir / BENCH_STAMP
-            reuse = (distilled or fill) and stamp.is_file() and json.loads(stamp.read_text()) == made_with
+            reuse = ((distilled or fill) and stamp.is_file()
+                     and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
             if not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
                 start = time.perf_counter()
                 try:
-                    result = compress(
-                        model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True, seed=seed,
-                        save_dtype=save_dtype,
-                        progress=progress, **{**(compress_options or {}), **(method_options or {}).get(method, {})},
-                    )
+                    result = compress(model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True,
+                                      seed=seed, save_dtype=save_dtype, progress=progress, **resolved[method])
                 except ComeError as exc:  # e.g. no eligible window: a result too, keep going
                     print(f"[bench] {name}: failed: {exc}", flush=True)
                     row = {"method": label, "ratio": ratio, "error": str(exc)}
@@ -175,8 +353,7 @@ def run_bench(
             from .distill import distill
 
             start = time.perf_counter()
-            distill(model_dir, out / "models" / name, overwrite=True, seed=seed, progress=progress,
-                    **(distill_options or {}))
+            distill(model_dir, out / "models" / name, overwrite=True, seed=seed, progress=progress, **distilled_with)
             distill_seconds = time.perf_counter() - start
             if not keep_models:
                 shutil.rmtree(model_dir, ignore_errors=True)
@@ -237,9 +414,19 @@ def run_bench(
             if tasks_scored and all("per_doc" in t for t in tasks_scored.values()):
                 per_doc[(method, ratio)] = {name: t["per_doc"] for name, t in tasks_scored.items()}
     add_skill(rows)
-    write_tables(rows, out, settings, command, missing, per_doc)
+    shown = {**settings, "options": {label: {"method": base_of[label], **_differences(base_of[label], options)}
+                                     for label, options in resolved.items()}}
+    if distilled_with is not None:
+        shown["distill"] = distilled_with
+    write_tables(rows, out, shown, command, missing, per_doc)
     plot(rows, out / "results.png")
     return rows
+
+
+def _differences(method: str, options: dict) -> dict:
+    """The options that differ from the method's defaults, for the table (the cells hold them all)."""
+    defaults = cell_options(method, {})
+    return {k: v for k, v in options.items() if v != defaults[k]}
 
 
 def _fidelity_columns(row: dict, evaluation: dict) -> None:

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
+from .distill.options import DEFAULT_TOKENS, TOKENS_HELP  # light: the training code is imported on first use
 from .methods import DEFAULT_METHOD  # light: the method modules are imported on first use
-from .options import choice_enum, default, help_text  # light: one definition of every compression option
 from .tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 
 app = typer.Typer(
@@ -20,14 +20,118 @@ app = typer.Typer(
 )
 
 
-# Choices of the Literal options, from their one definition in options.py.
-NormMode = choice_enum("norm")
-OutputNorm = choice_enum("output_norm")
-SbiTokens = choice_enum("sbi_tokens")
-Storage = choice_enum("activation_storage")
-SearchLoss = choice_enum("search_loss")
-DeletionRank = choice_enum("search_deletion_rank")
-ReplacemeObjective = choice_enum("replaceme_objective")
+def _floats(value: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated numbers, got {value!r}")
+
+
+def _ints(value: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
+
+
+# -- flags generated from the option definitions (options.py, methods/catalog.py, distill/options.py) --------
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _method_note(option) -> str:
+    """' Default: the method's (A: x; others: y).' when some method has its own default for `option`."""
+    from .methods import specs
+
+    by_value: dict = {}
+    for spec in specs():
+        if option.name in spec.defaults:
+            by_value.setdefault(_shown(spec.defaults[option.name]), []).append(spec.name)
+    if not by_value:
+        return ""
+    parts = [f"{', '.join(names)}: {value}" for value, names in by_value.items()]
+    other = option.unset if option.default is None and option.unset else _shown(option.default)
+    return f" Default: the method's ({'; '.join(parts)}; others: {other})."
+
+
+def _flag(option, *, compression: bool = True, given_only: bool = False, help_prefix: str = "", help_suffix: str = "",
+          panel: str | None = None):
+    """(name, annotation, typer.Option, converter) of one option's flag. Its default is the option's, or None
+    ("not given") when a method has its own default (a compression option) or `given_only`; the converter turns
+    the flag's value into the option's (enum members to strings, comma lists to tuples)."""
+    from enum import Enum
+    from typing import get_args
+
+    from .options import choice_enum
+
+    note = _method_note(option) if compression else ""
+    unset = given_only or bool(note) or option.default is None
+    kind, convert, extra = option.type, (lambda value: value), {}
+    help_text = help_prefix + option.help
+    if option.choices is not None:
+        kind = choice_enum(option)
+        convert = lambda value: value.value if isinstance(value, Enum) else value
+    elif option.element is not None:  # a comma list
+        parse = _floats if option.element is float else _ints
+        bounds = f" in [{option.min:g}, {option.max:g}]" if option.min is not None and option.max is not None else ""
+        kind, help_text = str, help_text + f" Comma list{bounds}."
+        convert = lambda value: None if value is None else tuple(parse(value, option.flag))
+        extra["show_default"] = bool(option.default) and not unset
+    elif option.type == (str | float):
+        kind = str
+    elif type(None) in get_args(option.type):
+        kind = next(t for t in get_args(option.type) if t is not type(None))
+    if option.element is None:
+        extra.update({k: v for k, v in (("min", option.min), ("max", option.max)) if v is not None})
+    default = None if unset else (_shown(option.default) if option.element is not None else option.default)
+    info = typer.Option(default, help=help_text + note + help_suffix, hidden=option.hidden,
+                        rich_help_panel=panel, **extra)
+    return option.name, Optional[kind] if default is None else kind, info, convert
+
+
+def _with_flags(into: str, flags: list):
+    """Decorator: the command gets one parameter per flag (from `_flag`) where its parameter `into` stands, and
+    receives their converted values as one dict `into`, so no option is spelled twice."""
+    import functools
+    import inspect
+    import typing
+
+    def wrap(fn):
+        hints = typing.get_type_hints(fn)
+        signature = inspect.signature(fn)
+        params = []
+        for p in signature.parameters.values():
+            if p.name == into:
+                params += [inspect.Parameter(name, p.kind, default=info, annotation=annotation)
+                           for name, annotation, info, _ in flags]
+            else:
+                params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+        converters = {name: convert for name, _, _, convert in flags}
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            values = {name: convert(kwargs.pop(name)) for name, convert in converters.items()}
+            return fn(**kwargs, **{into: values})
+
+        del command.__wrapped__  # typer reads the signature below, not fn's
+        command.__signature__ = signature.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+def _compression_flags() -> list:
+    """Every compression option's flag: the shared ones, then each method's own, in a help panel each."""
+    from .methods import specs
+    from .options import SHARED
+
+    flags = [_flag(o, panel="Compression options (every method)") for o in SHARED if o.cli]
+    for spec in specs():
+        flags += [_flag(o, help_prefix=f"{spec.name}: ", panel=f"{spec.name} options") for o in spec.options if o.cli]
+    return flags
 
 
 def _fail(message: str) -> None:
@@ -77,6 +181,7 @@ def print_summary(plan: dict, out_dir: Optional[Path]) -> None:
 
 
 @app.command()
+@_with_flags("options", _compression_flags())
 def compress(
     model: Optional[str] = typer.Argument(
         None, help="Local HF folder, .gguf file, or hub id (online). Default: embedded SmolLM2-135M-Instruct."
@@ -87,53 +192,19 @@ def compress(
     ),
     target_layers: Optional[int] = typer.Option(None, help="Number of decoder layers to keep (instead of --ratio)."),
     method: str = typer.Option(DEFAULT_METHOD, help="Compression method; `come methods` lists them."),
-    calib: str = typer.Option(default("calib"), help=help_text("calib")),
-    nsamples: Optional[int] = typer.Option(None, min=1, help=help_text("nsamples")),
-    seqlen: Optional[int] = typer.Option(None, min=2, help=help_text("seqlen")),
-    seed: int = typer.Option(default("seed"), help=help_text("seed")),
-    batch_size: int = typer.Option(default("batch_size"), min=1, help=help_text("batch_size")),
-    merge_size: int = typer.Option(default("merge_size"), min=2, help=help_text("merge_size")),
-    # None: the method's default (methods.register(defaults=...)), else options.py's.
-    allow_remerge: Optional[bool] = typer.Option(None, help=help_text("allow_remerge")),
-    protect_first: Optional[int] = typer.Option(None, min=0, help=help_text("protect_first")),
-    norm: NormMode = typer.Option(default("norm"), help=help_text("norm")),
-    output_norm: OutputNorm = typer.Option(default("output_norm"), help=help_text("output_norm")),
-    sbi_tokens: SbiTokens = typer.Option(default("sbi_tokens"), help=help_text("sbi_tokens")),
-    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
-    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
-    search_loss: Optional[SearchLoss] = typer.Option(None, help=help_text("search_loss")),
-    refit: Optional[bool] = typer.Option(None, help=help_text("refit")),
-    refit_damping: str = typer.Option(default("refit_damping"), help=help_text("refit_damping")),
-    search_windows: int = typer.Option(default("search_windows"), min=0, help=help_text("search_windows")),
-    search_deletions: int = typer.Option(default("search_deletions"), min=0, help=help_text("search_deletions")),
-    search_deletion_rank: DeletionRank = typer.Option(default("search_deletion_rank"),
-                                                      help=help_text("search_deletion_rank")),
-    search_screen_samples: int = typer.Option(default("search_screen_samples"), min=1,
-                                              help=help_text("search_screen_samples")),
-    search_ratios: str = typer.Option(
-        ",".join(f"{r:g}" for r in default("search_ratios")), help=help_text("search_ratios") + " Comma list in [0, 1].",
-        show_default=False,
-    ),
-    drop_layers: str = typer.Option("", help=help_text("drop_layers") + " Comma list.", show_default=False),
-    replaceme_objective: ReplacemeObjective = typer.Option(default("replaceme_objective"),
-                                                           help=help_text("replaceme_objective")),
-    replaceme_blocks: int = typer.Option(default("replaceme_blocks"), min=1, help=help_text("replaceme_blocks")),
     dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     layerwise: bool = typer.Option(
         False, "--layerwise", help="Never hold the model: read one decoder layer at a time from MODEL's safetensors."
     ),
-    activation_dtype: str = typer.Option(default("activation_dtype"), help=help_text("activation_dtype")),
-    activation_storage: Storage = typer.Option(default("activation_storage"), help=help_text("activation_storage")),
-    cache_dir: Optional[Path] = typer.Option(None, help=help_text("cache_dir")),
     max_shard_size: str = typer.Option("2GB", help="--layerwise: largest output safetensors shard."),
     save_dtype: Optional[str] = typer.Option(
         None, help="Dtype of the saved weights: float32 | bfloat16 | float16. Default: the source checkpoint's "
         "(a GGUF source: bfloat16), whatever --dtype computed in.",
     ),
-    incremental: bool = typer.Option(default("incremental"), hidden=True, help=help_text("incremental")),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
+    options: Optional[dict] = None,  # every compression option's flag (options.py, methods/catalog.py)
 ) -> None:
     """Compress MODEL to fewer layers and write a standard checkpoint to --out."""
     try:
@@ -151,35 +222,8 @@ def compress(
             layerwise=layerwise,
             max_shard_size=max_shard_size,
             save_dtype=save_dtype,
-            activation_dtype=activation_dtype,
-            activation_storage=activation_storage.value,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            incremental=incremental,
-            calib=calib,
-            nsamples=nsamples,
-            seqlen=seqlen,
-            seed=seed,
-            batch_size=batch_size,
-            merge_size=merge_size,
-            allow_remerge=allow_remerge,
-            protect_first=protect_first,
-            norm=norm.value,
-            output_norm=output_norm.value,
-            sbi_tokens=sbi_tokens.value,
-            granularity=granularity,
-            search_samples=search_samples,
-            search_loss=search_loss.value if search_loss is not None else None,
-            refit=refit,
-            refit_damping=refit_damping,
-            search_windows=search_windows,
-            search_deletions=search_deletions,
-            search_deletion_rank=search_deletion_rank.value,
-            search_screen_samples=search_screen_samples,
-            search_ratios=tuple(_floats(search_ratios, "--search-ratios")),
-            drop_layers=tuple(_ints(drop_layers, "--drop-layers")),
-            replaceme_objective=replaceme_objective.value,
-            replaceme_blocks=replaceme_blocks,
             progress=not quiet,
+            **options,
         )
     except _user_errors() as exc:
         _fail(str(exc))
@@ -258,27 +302,13 @@ def eval_command(
     print_report(result)
 
 
-def _floats(value: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{option} takes comma-separated numbers, got {value!r}")
-
-
-def _ints(value: str, option: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
-
-
 def _method_options(items: list[str]) -> dict[str, dict]:
     import json
 
-    from .options import CompressionOptions
+    from .bench import GRID_OPTIONS
+    from .options import all_options
 
-    # seed and progress are shared by the whole grid (--seed, --quiet).
-    known = set(CompressionOptions.__dataclass_fields__) - {"seed", "progress"}
+    known = set(all_options()) - set(GRID_OPTIONS)  # seed and progress are the whole grid's (--seed, --quiet)
     options: dict[str, dict] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -298,9 +328,10 @@ def _method_options(items: list[str]) -> dict[str, dict]:
 def _distill_options(items: list[str]) -> dict:
     import json
 
-    from .distill import DistillOptions
+    from .bench import DISTILL_RUN_CONTROL
+    from .distill.options import DistillOptions
 
-    known = (set(DistillOptions.__dataclass_fields__) | {"tokens"}) - {"seed", "progress", "workers", "save_every"}
+    known = (set(DistillOptions.__dataclass_fields__) | {"tokens"}) - set(DISTILL_RUN_CONTROL)
     options = {}
     for item in items:
         name, sep, raw = item.partition("=")
@@ -334,11 +365,31 @@ def _command_line(prefix: str, ctx: typer.Context) -> str:
     return " ".join(parts)
 
 
+# Options `come bench` takes for every method at once; not given, each method keeps its own default.
+_BENCH_WIDE = ("nsamples", "search_samples", "granularity")
+PPL_SEQLEN = 512
+
+
+def _bench_flags() -> list:
+    from .options import all_options, owner
+
+    return [_flag(all_options()[name], given_only=True, help_prefix=f"{owner(name)}: " if owner(name) else "",
+                  help_suffix=" Given, the same for every method that has it "
+                  "(--set METHOD.OPTION=VALUE for one).") for name in _BENCH_WIDE]
+
+
 @app.command()
+@_with_flags("options", _bench_flags())
 def bench(
     click_context: typer.Context,
     model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
-    out: Path = typer.Option(..., "--out", "-o", help="Results folder; finished cells found there are skipped."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder; finished cells found there are "
+                                       "skipped. Required unless --definition names one."),
+    definition: Optional[Path] = typer.Option(
+        None, help="A benchmark definition (YAML, e.g. bench/smollm2_methods.yaml): the grid (model, methods and "
+        "their options, ratios, evaluation, distillation) instead of the flags that set it; --out, --keep-models, "
+        "--report-only, --fill-kl and --quiet still apply.",
+    ),
     methods: str = typer.Option("dense,come,shortgpt", help="Comma list of methods; 'dense' is the uncompressed reference. "
                                  "LABEL:METHOD is a variant (see --set); a trailing @0.2 (or @0.1/0.3) runs it at those ratios only."),
     ratios: str = typer.Option("0.1,0.2,0.3", help="Comma list of parameter fractions to remove."),
@@ -346,11 +397,11 @@ def bench(
     tasks: str = typer.Option("all", help="Zero-shot tasks: all, a comma list, or none."),
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task."),
     ppl_max_tokens: Optional[int] = typer.Option(None, help="Perplexity tokens per source (default: all)."),
-    seqlen: int = typer.Option(512, min=2, help="Perplexity window and calibration sequence length (every method; --set METHOD.seqlen=N for one)."),
-    nsamples: int = typer.Option(default("nsamples"), min=1, help="Calibration sequences, the same for every method "
-                                 "(a method's own default applies only through --set METHOD.nsamples=N)."),
-    search_samples: Optional[int] = typer.Option(None, min=1, help=help_text("search_samples")),
-    granularity: int = typer.Option(default("granularity"), min=1, help=help_text("granularity")),
+    seqlen: Optional[int] = typer.Option(
+        None, min=2, help=f"Perplexity window length ({PPL_SEQLEN} when not given). Given, also every method's "
+        "calibration sequence length (otherwise each method's own; --set METHOD.seqlen=N for one).",
+    ),
+    options: Optional[dict] = None,  # calibration options given for every method (_BENCH_WIDE)
     batch_size: int = typer.Option(8, min=1),
     seed: int = typer.Option(0),
     keep_models: bool = typer.Option(False, help="Keep compressed checkpoints (default: delete after evaluation)."),
@@ -376,28 +427,41 @@ def bench(
 ) -> None:
     """Compress and evaluate every (method, ratio) cell; write results.md, results.csv and results.png."""
     try:
-        from .bench import run_bench
+        from .bench import load_definition, run_bench
         from .evaluate import parse_list
 
+        if definition is not None:
+            run_controls = {"definition", "out", "keep_models", "report_only", "fill_kl", "quiet"}
+            given = [p.opts[0] for p in click_context.command.params if p.name not in run_controls
+                     and getattr(click_context.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
+            if given:
+                _fail(f"--definition sets the grid; give {', '.join(given)} in {definition}, not on the command line")
+            grid = load_definition(definition)
+            out = out or grid["out"]
+            del grid["out"]
+        else:
+            if out is None:
+                _fail("give --out (or a --definition that names the results folder)")
+            grid = {
+                "model": model,
+                "methods": [m.strip() for m in methods.split(",") if m.strip()],
+                "ratios": _floats(ratios, "--ratios"),
+                "ppl_sources": parse_list(ppl, ("wikipedia", "lambada")),
+                "tasks": parse_list(tasks, PAPER_TASKS),
+                "limit": limit,
+                "ppl_max_tokens": ppl_max_tokens,
+                "seqlen": seqlen or PPL_SEQLEN,
+                "batch_size": batch_size,
+                "seed": seed,
+                "compress_options": {k: v for k, v in {**options, "seqlen": seqlen}.items() if v is not None},
+                "method_options": _method_options(set_option),
+                "distill_methods": [m.strip() for m in distill_methods.split(",") if m.strip()],
+                "distill_options": _distill_options(distill_set),
+            }
         rows = run_bench(
-            model,
-            methods=[m.strip() for m in methods.split(",") if m.strip()],
-            ratios=_floats(ratios, "--ratios"),
+            **grid,
             out=out,
-            ppl_sources=parse_list(ppl, ("wikipedia", "lambada")),
-            tasks=parse_list(tasks, PAPER_TASKS),
-            limit=limit,
-            ppl_max_tokens=ppl_max_tokens,
-            seqlen=seqlen,
-            batch_size=batch_size,
-            seed=seed,
             keep_models=keep_models,
-            compress_options={
-                "nsamples": nsamples, "seqlen": seqlen, "search_samples": search_samples, "granularity": granularity,
-            },
-            method_options=_method_options(set_option),
-            distill_methods=[m.strip() for m in distill_methods.split(",") if m.strip()],
-            distill_options=_distill_options(distill_set),
             progress=not quiet,
             report_only=report_only,
             fill_kl=fill_kl,
@@ -458,45 +522,21 @@ def methods() -> None:
         typer.echo(f"{name:12s} {description}")
 
 
+def _distill_flags() -> list:
+    from .distill.options import DistillOptions
+    from .options import options_of
+
+    return [_flag(o, compression=False) for o in options_of(DistillOptions) if o.cli]
+
+
 @app.command("distill")
+@_with_flags("options", _distill_flags())
 def distill_command(
     compressed: Path = typer.Argument(..., help="Folder written by `come compress` (the student)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically; work state in OUT.partial/)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher model. Default: the original model named in come_plan.json."),
-    data: str = typer.Option("wikipedia", help="Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset | a mixture A+B."),
-    tokens: int = typer.Option(262_144, min=1, help="Training tokens drawn from --data (stage 2 makes one pass over them unless --global-steps; stage 1 trains each layer on them)."),
-    seqlen: int = typer.Option(512, min=2, help="Tokens per training sequence."),
-    epochs: int = typer.Option(1, min=1, help="Stage-1 passes over the tokens."),
-    layers: str = typer.Option("none", help="Stage-1 (per-layer, teacher-forced) layers: none (the default: end to end only) | merged (stand for >1 original layer) | all."),
-    loss: str = typer.Option("mse", help="Stage-1 loss: mse (normalised) | cosine | kl (through the teacher's final norm and head)."),
-    lr: float = typer.Option(1e-4, help="Stage-1 peak learning rate."),
-    cache_dtype: str = typer.Option("bfloat16", help="Teacher hidden-state cache on disk: float32 | bfloat16 | float16."),
-    global_steps: Optional[int] = typer.Option(None, min=0, help="Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
-                                               "--tokens; 0 skips stage 2."),
-    global_lr: float = typer.Option(1e-3, help="Stage-2 peak learning rate (the default suits --lora adapters)."),
-    temperature: float = typer.Option(1.0, help="KD temperature."),
-    hidden_weight: float = typer.Option(0.0, help="Stage-2 weight of the hidden-state alignment loss (0: logit KD alone)."),
-    train: str = typer.Option("all", help="Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all."),
-    lora: int = typer.Option(16, min=0, help="Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps "
-                             "instead of their weights; merged into the weights at the end (a standard checkpoint). 0: train the weights themselves (then use --global-lr near 1e-4)."),
-    lora_alpha: float = typer.Option(0.0, min=0.0, help="LoRA alpha (scale alpha/R); 0 means 2 x R."),
-    heldout_tokens: int = typer.Option(4096, min=1, help="Held-out tokens (whole windows of --seqlen, never trained on) on which "
-                                       "the KL to the teacher judges every candidate; the output is the best one, the input itself "
-                                       "if training did not lower it."),
-    heldout_data: Optional[str] = typer.Option(None, help="Held-out text for that check. Default: --data, windows disjoint from training."),
-    eval_every: int = typer.Option(50, min=0, help="Stage-2 steps between held-out checks (0: only at the end)."),
-    gradient_checkpointing: bool = typer.Option(False, help="Stage 2: recompute activations in backward to save memory."),
-    fsdp: bool = typer.Option(False, help="Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for models too big for one device."),
-    warmup: float = typer.Option(0.05, help="Warm-up fraction of the steps (then cosine decay)."),
-    batch_size: int = typer.Option(2, min=1, help="Sequences per micro-batch (and per teacher-cache chunk)."),
-    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
-    weight_decay: float = typer.Option(0.0),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping; 0 disables it."),
-    seed: int = typer.Option(0),
-    dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
-    workers: int = typer.Option(1, min=1, help="Processes (torch.distributed: gloo on CPU, nccl on GPU); ignored under torchrun."),
-    save_every: int = typer.Option(50, min=1, help="Checkpoint every this many optimizer steps."),
+    tokens: int = typer.Option(DEFAULT_TOKENS, min=1, help=TOKENS_HELP),
+    options: Optional[dict] = None,  # every DistillOptions field's flag (distill/options.py)
     resume: bool = typer.Option(False, help="Continue the unfinished run in OUT.partial/ from its last checkpoints."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder and discard an unfinished run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
@@ -505,15 +545,8 @@ def distill_command(
     try:
         from .distill import distill
 
-        summary = distill(
-            compressed, out, teacher=teacher, data=data, tokens=tokens, resume=resume, overwrite=overwrite,
-            seqlen=seqlen, epochs=epochs, layers=layers, loss=loss, lr=lr, cache_dtype=cache_dtype,
-            global_steps=global_steps, global_lr=global_lr, temperature=temperature, hidden_weight=hidden_weight,
-            train=train, lora=lora, lora_alpha=lora_alpha, heldout_tokens=heldout_tokens, heldout_data=heldout_data,
-            eval_every=eval_every, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, warmup=warmup, batch_size=batch_size,
-            grad_accum=grad_accum, weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, dtype=dtype,
-            device=device, workers=workers, save_every=save_every, progress=not quiet,
-        )
+        summary = distill(compressed, out, teacher=teacher, tokens=tokens, resume=resume, overwrite=overwrite,
+                          progress=not quiet, **options)
     except _user_errors() as exc:
         _fail(str(exc))
     if quiet or not summary:  # ranks other than 0 under torchrun return nothing

@@ -1,111 +1,228 @@
-"""Compression options: one definition (default, help) shared by the Python API, the CLI and recipes.
+"""Compression options: each defined once (type, default, bounds, help), for the Python API, the CLI,
+recipes and `come bench --set`.
 
-Each field's default is the global one; a method may declare its own defaults
-(`methods.register(defaults=...)`), used when the option is not given (None
-means "not given" everywhere). The CLI reads its defaults and help texts from
-the metadata here, so the two never drift apart. This module imports nothing
-heavy, so `come --help` stays fast.
+The options every method reads (calibration, merge rules, refit, execution) are `SHARED`, here; the
+options of one method are part of its spec (`methods/catalog.py`), with the defaults it uses instead of
+the global ones. `CompressionOptions`, the record a method runs with (`ctx.options`) and that plans
+keep, has one field per option of either kind and checks every value when it is made, so bounds and
+choices are checked in one place. The CLI flags (cli.py), recipe validation (recipe.py) and the keys
+of `come bench --set` are generated from the same definitions. None means "not given" everywhere.
+This module imports nothing heavy, so `come --help` stays fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Literal, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Literal, get_args, get_origin
 
 
-def _opt(default, help: str, **cli):
-    return field(default=default, metadata={"help": help, "cli": cli})
+@dataclass(frozen=True)
+class Option:
+    """One compression option. `min`/`max` bound a number, or each element of a tuple option."""
+
+    name: str
+    type: Any  # int, bool, str, float, a Literal of choices, tuple[T, ...], or T | None
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    unset: str = ""  # what a None default means, for help texts ("all")
+    hidden: bool = False  # a CLI flag, not listed in --help
+    cli: bool = True  # False: no CLI flag (set by another flag, e.g. progress by --quiet)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> tuple | None:
+        return get_args(self.type) if get_origin(self.type) is Literal else None
+
+    @property
+    def element(self) -> type | None:
+        """The element type of a tuple option (a comma list on the CLI), else None."""
+        return get_args(self.type)[0] if get_origin(self.type) is tuple else None
+
+    def check(self, value) -> None:
+        """Refuse a value outside the option's choices or bounds (None: not given, always fine)."""
+        from .errors import InvalidTarget
+
+        if value is None:
+            return
+        if self.choices is not None and value not in self.choices:
+            raise InvalidTarget(f"{self.flag} must be one of {' | '.join(self.choices)}, got {value!r}")
+        numbers = value if self.element is not None and isinstance(value, (list, tuple)) else [value]
+        for v in numbers:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if self.min is not None and v < self.min:
+                raise InvalidTarget(f"{self.flag} must be at least {self.min:g}, got {value!r}")
+            if self.max is not None and v > self.max:
+                raise InvalidTarget(f"{self.flag} must be at most {self.max:g}, got {value!r}")
 
 
-@dataclass
-class CompressionOptions:
-    calib: str = _opt("wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset (online) | "
-                                   "a mixture A+B (equal shares, e.g. wikipedia+lambada).")
-    nsamples: int = _opt(32, "Calibration sequences. Default: the method's (come-search: 128; others: 32).", min=1)
-    seqlen: int = _opt(512, "Tokens per calibration sequence. Default: the method's (come-search: 128; others: 512).",
-                       min=2)
-    seed: int = _opt(0, "Seed for calibration sampling.")
-    batch_size: int = _opt(8, "Sequences per forward pass during calibration.", min=1)
-    merge_size: int = _opt(2, "Adjacent layers merged per step.", min=2)
-    allow_remerge: bool = _opt(False, "Allow windows that contain an already merged layer. Default: the method's "
-                                      "(come-search, come: yes; come-p: no; the paper: no).")
-    protect_first: int = _opt(0, "The first N original layers are never merged or deleted (come, come-p, come-search). "
-                                 "Default: the method's (come-search: 1).", min=0)
-    norm: Literal["fold", "mean"] = _opt("fold", "RMSNorm gains: fold (into the maps they feed: exact) | mean (the paper's average).")
-    output_norm: Literal["scale", "mean"] = _opt("scale", "Post-norms (Gemma): scale (fold each source's gain and typical 1/rms into its "
-                                     "output map, calibrate the merged gain) | mean (average the gains).")
-    sbi_tokens: Literal["last", "all"] = _opt("last", "Tokens the window distance compares: last | all.")
-    incremental: bool = _opt(True, "Recompute only the layers after a merge (False: every layer; benchmarks).")
-    activation_dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "Calibration activations: float32 | bfloat16 | float16 (scores stay float32).")
-    activation_storage: Literal["auto", "ram", "disk"] = _opt("auto", "Activations: ram | disk | auto (disk if over half of free memory). "
-                                           "Layer-wise, merged layers go to disk unless ram.")
-    cache_dir: str | None = _opt(None, "Folder for the disk cache (default: $COME_CACHE/work).")
-    progress: bool = _opt(True, "Progress bars.")
-    granularity: int = _opt(20, "come-p: channel-ratio grid steps (G+1 candidates per merge).", min=1)
-    search_samples: int | None = _opt(None, "Calibration sequences scored by loss/similarity searches. Default: the "
-                                            "method's (come-search: 16; come-p, sleb, laco: all).", min=1)
-    laco_thresholds: tuple[float, ...] = _opt((0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5),
-                                  "laco: similarity thresholds tried from high to low.")
-    laco_interval: int = _opt(2, "laco: step down after an accepted merge.", min=1)
-    laco_min_layer: int = _opt(1, "laco: lowest layer a merge may start at.", min=0)
-    search_loss: Literal["ce", "kl"] = _opt(
-        "ce", "Score of a candidate in loss-guided searches (come-search, sleb, come-p): ce (next-token "
-              "cross-entropy on the calibration text) | kl (divergence from the original model's next-token "
-              "distribution).")
-    refit: bool = _opt(False, "After every merge or removal, refit the new layer's down_proj (ridge least squares) to "
-                              "reproduce the original model over the span it replaces. Default: the method's "
-                              "(come-search: on; others: off).")
-    refit_damping: str | float = _opt("auto", "Refit damping relative to the mean diagonal of Z^T Z, or auto "
-                                              "(chosen per layer on held-out calibration sequences).")
-    search_windows: int = _opt(3, "come-search: merge candidates (most redundant windows) per step.", min=0)
-    search_deletions: int = _opt(4, "come-search: deletion candidates per step (see --search-deletion-rank).", min=0)
-    search_deletion_rank: Literal["error", "bi", "loss", "error+loss"] = _opt(
-        "error", "come-search: rank deletion candidates by skip error (distance to the original model at the end "
-                 "of the layer's span if it is skipped), by block influence (bi), by the loss without refit on "
-                 "--search-screen-samples sequences (loss: SLEB's score, every layer), or half by each of error "
-                 "and loss (error+loss: more layer passes; results in bench/results/README.md).")
-    search_screen_samples: int = _opt(2, "come-search: calibration sequences of the loss screen of "
-                                         "--search-deletion-rank loss / error+loss.", min=1)
-    search_ratios: tuple[float, ...] = _opt((), "come-search: first-layer channel shares tried besides the BI ratio "
-                                                "(none by default: slower, and no better in bench/results/README.md).")
-    drop_layers: tuple[int, ...] = _opt((), "drop: the original layers to delete (as many as the target removes).")
-    replaceme_objective: Literal["lstsq", "cosine"] = _opt("lstsq", "replaceme: lstsq (closed form) | cosine (Adam, the authors' solver).")
-    replaceme_blocks: int = _opt(1, "replaceme: remove the layers as this many blocks.", min=1)
-    replaceme_epochs: int = _opt(10, "replaceme cosine: Adam epochs over the calibration tokens.", min=1)
+# Options every method reads (some only matter to the methods named in their help).
+SHARED: tuple[Option, ...] = (
+    Option("calib", str, "wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset "
+                                      "(online) | a mixture A+B (equal shares, e.g. wikipedia+lambada)."),
+    Option("nsamples", int, 32, "Calibration sequences.", min=1),
+    Option("seqlen", int, 512, "Tokens per calibration sequence.", min=2),
+    Option("seed", int, 0, "Seed for calibration sampling."),
+    Option("batch_size", int, 8, "Sequences per forward pass during calibration.", min=1),
+    Option("merge_size", int, 2, "Adjacent layers merged per step.", min=2),
+    Option("allow_remerge", bool, False, "Allow windows that contain an already merged layer (the paper: no)."),
+    Option("protect_first", int, 0, "The first N original layers are never merged or deleted (come, come-p, "
+                                    "come-search).", min=0),
+    Option("norm", Literal["fold", "mean"], "fold",
+           "RMSNorm gains: fold (into the maps they feed: exact) | mean (the paper's average)."),
+    Option("output_norm", Literal["scale", "mean"], "scale",
+           "Post-norms (Gemma): scale (fold each source's gain and typical 1/rms into its output map, calibrate the "
+           "merged gain) | mean (average the gains)."),
+    Option("sbi_tokens", Literal["last", "all"], "last", "Tokens the window distance compares: last | all."),
+    Option("search_samples", int | None, None, "Calibration sequences scored by loss/similarity searches "
+                                               "(come-search, come-p, sleb, laco).", min=1, unset="all"),
+    Option("search_loss", Literal["ce", "kl"], "ce",
+           "Score of a candidate in loss-guided searches (come-search, sleb, come-p): ce (next-token cross-entropy on "
+           "the calibration text) | kl (divergence from the original model's next-token distribution)."),
+    Option("refit", bool, False, "After every merge or removal, refit the new layer's down_proj (ridge least squares) "
+                                 "to reproduce the original model over the span it replaces."),
+    Option("refit_damping", str | float, "auto", "Refit damping relative to the mean diagonal of Z^T Z, or auto "
+                                                 "(chosen per layer on held-out calibration sequences)."),
+    # Execution: where and in what precision activations are kept, progress.
+    Option("incremental", bool, True, "Recompute only the layers after a merge (False: every layer; benchmarks).",
+           hidden=True),
+    Option("activation_dtype", Literal["float32", "bfloat16", "float16"], "float32",
+           "Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."),
+    Option("activation_storage", Literal["auto", "ram", "disk"], "auto",
+           "Activations: ram | disk | auto (disk if over half of free memory). Layer-wise, merged layers go to disk "
+           "unless ram."),
+    Option("cache_dir", str | None, None, "Folder for the disk cache (default: $COME_CACHE/work)."),
+    Option("progress", bool, True, "Progress bars.", cli=False),
+)
+SHARED_NAMES = frozenset(o.name for o in SHARED)
 
 
-OPTION_FIELDS = {f.name: f for f in fields(CompressionOptions)}
+def all_options() -> dict[str, Option]:
+    """Every option by name: the shared ones, then each method's own."""
+    from .methods import specs
+
+    out = {o.name: o for o in SHARED}
+    for spec in specs():
+        for o in spec.options:
+            if o.name in out:
+                raise AssertionError(f"option {o.name!r} of {spec.name} is defined twice")
+            out[o.name] = o
+    return out
 
 
-def default(name: str):
-    f = OPTION_FIELDS[name]
-    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+def options_of(cls) -> list[Option]:
+    """The fields of a dataclass whose metadata holds help and bounds (e.g. DistillOptions) as Options."""
+    from typing import get_type_hints
+
+    hints = get_type_hints(cls)
+    return [Option(f.name, hints[f.name], f.default, f.metadata.get("help", ""), min=f.metadata.get("min"),
+                   max=f.metadata.get("max"), cli=f.metadata.get("cli", True)) for f in fields(cls)]
 
 
-def help_text(name: str) -> str:
-    return OPTION_FIELDS[name].metadata["help"]
+def schema(options, name: str, **extra):
+    """A strict pydantic model of option definitions: unknown keys, wrong types and values out of an option's
+    bounds or choices are refused (recipes, `come bench` definitions and --set)."""
+    from typing import Annotated
+
+    from pydantic import ConfigDict, Field, create_model
+
+    fields_ = {}
+    for o in options:
+        annotation = o.type
+        bounds = {k: v for k, v in (("ge", o.min), ("le", o.max)) if v is not None}
+        if bounds and o.element is not None:
+            annotation = tuple[Annotated[o.element, Field(**bounds)], ...]
+        elif bounds:
+            annotation = Annotated[annotation, Field(**bounds)]
+        fields_[o.name] = (annotation, o.default)
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields_, **extra)
 
 
-def choice_enum(name: str):
-    """A str Enum of a Literal option's values, for CLIs that list choices (typer): the choices stay
-    defined once, here."""
-    from enum import Enum
+def validated(given: dict, where: str = "") -> dict:
+    """`given` compression options checked against their definitions (names, types, bounds, choices), with
+    the values as their types make them (e.g. a list for a tuple option: a tuple); raises InvalidTarget."""
+    from pydantic import ValidationError
 
-    values = get_args(get_type_hints(CompressionOptions)[name])
-    return Enum("".join(part.title() for part in name.split("_")), {v: v for v in values}, type=str)
-
-
-def resolve_options(method_defaults: dict, options: dict) -> CompressionOptions:
-    """Options given (None means "not given") over the method's defaults over the global ones."""
     from .errors import InvalidTarget
 
-    unknown = sorted(set(options) - set(OPTION_FIELDS))
+    try:
+        checked = schema(all_options().values(), "CompressionOptions").model_validate(given)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(str(p) for p in (where, *e['loc']) if p != '')}: {e['msg']}" for e in exc.errors()]
+        raise InvalidTarget("; ".join(parts)) from None
+    return {k: getattr(checked, k) for k in given}
+
+
+def owner(name: str) -> str | None:
+    """The method an option belongs to, or None for a shared one."""
+    from .methods import specs
+
+    return next((spec.name for spec in specs() for o in spec.options if o.name == name), None)
+
+
+def choice_enum(option: Option):
+    """A str Enum of a Literal option's values, for CLIs that list choices (typer)."""
+    from enum import Enum
+
+    return Enum("".join(part.title() for part in option.name.split("_")), {v: v for v in option.choices}, type=str)
+
+
+def _check_all(self) -> None:
+    defined = all_options()
+    for f in fields(self):
+        defined[f.name].check(getattr(self, f.name))
+
+
+_CLASS = None
+
+
+def _options_class():
+    """CompressionOptions: a dataclass with a field per option (shared first, then by method), built once."""
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = make_dataclass(
+            "CompressionOptions",
+            [(o.name, o.type, field(default=o.default)) for o in all_options().values()],
+            namespace={"__post_init__": _check_all, "__module__": __name__,
+                       "__doc__": "Every compression option's value, as a method runs with it (see options.py)."},
+        )
+    return _CLASS
+
+
+def __getattr__(name: str):
+    if name == "CompressionOptions":
+        return _options_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_options(method_defaults: dict, options: dict):
+    """Options given (None means "not given") over the method's defaults over the global ones; every value is
+    checked against its option's definition."""
+    from .errors import InvalidTarget
+
+    known = all_options()
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise InvalidTarget(f"unknown compression option(s): {', '.join(unknown)}")
     given = {k: v for k, v in options.items() if v is not None}
-    hints = get_type_hints(CompressionOptions)
-    for name, value in given.items():
-        if get_origin(hints[name]) is Literal and value not in get_args(hints[name]):
-            choices = " | ".join(get_args(hints[name]))
-            raise InvalidTarget(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
-    return CompressionOptions(**{**method_defaults, **given})
+    return _options_class()(**{**method_defaults, **given})
+
+
+def resolved_for(method: str, options: dict) -> dict:
+    """What `method` runs with given `options`: every option it reads (the shared ones and its own), resolved
+    and checked, as a dict of JSON values; e.g. what a `come bench` cell is keyed by. Other methods' options
+    are left out: they have no effect on this method."""
+    import dataclasses
+    import json
+
+    from .methods import get_spec
+
+    spec = get_spec(method)
+    resolved = dataclasses.asdict(resolve_options(spec.defaults, options))
+    mine = SHARED_NAMES | {o.name for o in spec.options}
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k in mine}))

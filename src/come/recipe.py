@@ -21,19 +21,18 @@ written atomically, so it is either complete or absent).
       tasks: all
       limit: 300
 
-Compression options are checked against `options.CompressionOptions` and
-distillation options against `distill.DistillOptions`, the same definitions the
-CLI and the Python API use.
+Compression options are checked against their definitions (options.py and
+methods/catalog.py) and distillation options against `distill.DistillOptions`,
+the same definitions the CLI and the Python API use.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ComeError
 
@@ -44,34 +43,17 @@ class RecipeError(ComeError):
     pass
 
 
-def _model_of(cls, name: str):
-    """A strict pydantic model of a dataclass's fields: unknown keys, wrong types and values below a
-    field's declared minimum (metadata "cli": {"min": ...}, as the CLI enforces) are refused."""
-    from typing import Annotated, get_type_hints
-
-    hints = get_type_hints(cls)
-    fields = {}
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        annotation = hints[f.name]
-        minimum = (f.metadata.get("cli") or {}).get("min")
-        if minimum is not None:
-            annotation = Annotated[annotation, Field(ge=minimum)]
-        fields[f.name] = (annotation, default)
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
-
-
 def _compression_options_model():
-    from .options import CompressionOptions
+    from .options import all_options, schema
 
-    return _model_of(CompressionOptions, "CompressionOptions")
+    return schema(all_options().values(), "CompressionOptions")
 
 
 def _distill_options_model():
-    from .distill import DistillOptions
+    from .distill.options import DEFAULT_TOKENS, DistillOptions
+    from .options import options_of, schema
 
-    model = _model_of(DistillOptions, "DistillOptions")
-    return create_model("DistillStage", __base__=model, tokens=(int, 262_144))
+    return schema(options_of(DistillOptions), "DistillStage", tokens=(Annotated[int, Field(ge=1)], DEFAULT_TOKENS))
 
 
 class _Strict(BaseModel):
@@ -169,15 +151,15 @@ def load_recipe(path: str | Path, out: str | None = None) -> tuple[Recipe, dict,
 
 
 def _check_combinations(path: Path, recipe: Recipe, options: dict) -> None:
-    from .methods import DEFAULT_METHOD, LAYERWISE, available_methods
+    from .methods import DEFAULT_METHOD, available_methods, layerwise_methods
     from .tasks import PAPER_TASKS
 
     method = recipe.compress.method or DEFAULT_METHOD
     if method not in available_methods():
         raise RecipeError(f"{path}: compress.method: unknown method {method!r}; available: {', '.join(available_methods())}")
-    if recipe.compress.layerwise and method not in LAYERWISE:
+    if recipe.compress.layerwise and method not in layerwise_methods():
         raise RecipeError(f"{path}: compress.layerwise: method {method!r} cannot run layer-wise; "
-                          f"layer-wise methods: {', '.join(sorted(LAYERWISE))}")
+                          f"layer-wise methods: {', '.join(layerwise_methods())}")
     if recipe.eval is not None and isinstance(recipe.eval.tasks, list):
         unknown = sorted(set(recipe.eval.tasks) - set(PAPER_TASKS))
         if unknown:

@@ -22,9 +22,8 @@ Modules: `options` (DistillOptions, errors), `common` (seeds, losses, the job), 
 boundary cache), `stage1`, `stage2`, `launch` (processes), `run` (the `distill` driver).
 """
 
-from .cache import span_errors
-from .common import _kl
 from .options import (
+           DEFAULT_TOKENS,
            LOSSES,
            METRICS_FILE,
            SELECTIONS,
@@ -33,9 +32,21 @@ from .options import (
            DistillOptions,
            NonFiniteLoss,
 )
-from .run import distill
+
+# The training code (torch) is imported on first use, so the options above stay light for the CLI.
+_LAZY = {"distill": ".run", "span_errors": ".cache", "_kl": ".common"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+           "DEFAULT_TOKENS",
            "LOSSES",
            "METRICS_FILE",
            "SELECTIONS",

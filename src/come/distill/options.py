@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ComeError
-from ..models import DTYPES
 
 METRICS_FILE = "metrics.jsonl"
 LOSSES = ("mse", "cosine", "kl")
@@ -25,52 +24,75 @@ class DistillInterrupted(DistillError):
     """Raised by the `stop_after` hook: the run stops as if killed; continue it with resume=True."""
 
 
+def _opt(default, help: str = "", **bounds):
+    """A field with its help text and bounds (min): `come distill`'s flags and recipe validation read them."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+# Training tokens drawn from the data (a `distill()` argument, which also takes a ready tensor of ids).
+DEFAULT_TOKENS = 262_144
+TOKENS_HELP = ("Training tokens drawn from --data (stage 2 makes one pass over them unless --global-steps; stage 1 "
+               "trains each layer on them).")
+
+
 @dataclass
 class DistillOptions:
-    data: str = "wikipedia"
-    seqlen: int = 512
-    epochs: int = 1
+    data: str = _opt("wikipedia", "Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF "
+                                  "dataset | a mixture A+B.")
+    seqlen: int = _opt(512, "Tokens per training sequence.", min=2)
+    epochs: int = _opt(1, "Stage-1 passes over the tokens.", min=1)
     # stage 1
     # Defaults: end to end only (stage 2, logit KD through rank-16 LoRA adapters on every layer), chosen by the
     # held-out KL gained per CPU-minute (bench/results/README.md, Distillation); stage 1 stays available.
-    layers: str = "none"  # stage-1 layers: merged (covers > 1 original layer) | all | none (stage 2 only)
-    loss: str = "mse"
-    lr: float = 1e-4
-    cache_dtype: str = "bfloat16"
+    layers: str = _opt("none", "Stage-1 (per-layer, teacher-forced) layers: none (the default: end to end only) | "
+                               "merged (stand for >1 original layer) | all.")
+    loss: str = _opt("mse", "Stage-1 loss: mse (normalised) | cosine | kl (through the teacher's final norm and head).")
+    lr: float = _opt(1e-4, "Stage-1 peak learning rate.")
+    cache_dtype: str = _opt("bfloat16", "Teacher hidden-state cache on disk: float32 | bfloat16 | float16.")
     # stage 2
-    global_steps: int | None = None  # None: one pass over the training tokens; 0 skips stage 2
-    global_lr: float = 1e-3  # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4
-    temperature: float = 1.0
-    hidden_weight: float = 0.0
-    train: str = "all"  # layers trained in stage 2: merged | neighbours | all
-    lora: int = 16  # stage 2: train rank-r LoRA adapters (merged into the weights at the end) instead of full weights
-    lora_alpha: float = 0.0  # LoRA scale alpha / r; 0 means alpha = 2 r
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # stage 2 with workers > 1: shard the student with FSDP2 instead of replicating it (DDP)
+    global_steps: int | None = _opt(None, "Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
+                                          "--tokens; 0 skips stage 2.", min=0)
+    # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4
+    global_lr: float = _opt(1e-3, "Stage-2 peak learning rate (the default suits --lora adapters).")
+    temperature: float = _opt(1.0, "KD temperature.")
+    hidden_weight: float = _opt(0.0, "Stage-2 weight of the hidden-state alignment loss (0: logit KD alone).")
+    train: str = _opt("all", "Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all.")
+    lora: int = _opt(16, "Stage 2: train rank-R LoRA adapters (PEFT) on the trainable layers' linear maps instead of "
+                         "their weights; merged into the weights at the end (a standard checkpoint). 0: train the "
+                         "weights themselves (then use --global-lr near 1e-4).", min=0)
+    lora_alpha: float = _opt(0.0, "LoRA alpha (scale alpha/R); 0 means 2 x R.", min=0.0)
     # held-out fidelity (KL to the teacher): judged before training, after stage 1, every eval_every stage-2 steps
     # and at the end; the output is the best of these, the input model itself when training did not help
-    heldout_tokens: int = 4096
-    heldout_data: str | None = None  # default: --data, in windows disjoint from the training ones
-    eval_every: int = 50  # stage-2 steps between held-out checks (0: only at the end)
+    heldout_tokens: int = _opt(4096, "Held-out tokens (whole windows of --seqlen, never trained on) on which the KL "
+                                     "to the teacher judges every candidate; the output is the best one, the input "
+                                     "itself if training did not lower it.", min=1)
+    heldout_data: str | None = _opt(None, "Held-out text for that check. Default: --data, windows disjoint from "
+                                          "training.")
+    eval_every: int = _opt(50, "Stage-2 steps between held-out checks (0: only at the end).", min=0)
+    gradient_checkpointing: bool = _opt(False, "Stage 2: recompute activations in backward to save memory.")
+    fsdp: bool = _opt(False, "Stage 2, --workers >= 2 or torchrun: shard the student (FSDP2) instead of DDP, for "
+                             "models too big for one device.")
     # both stages
-    warmup: float = 0.05  # fraction of the steps
-    batch_size: int = 2
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
+    warmup: float = _opt(0.05, "Warm-up fraction of the steps (then cosine decay).")
+    batch_size: int = _opt(2, "Sequences per micro-batch (and per teacher-cache chunk).", min=1)
+    grad_accum: int = _opt(1, "Micro-batches per optimizer step.", min=1)
+    weight_decay: float = _opt(0.0)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping; 0 disables it.")
+    seed: int = _opt(0)
+    dtype: str = _opt("float32", "Weight dtype: float32 | bfloat16 | float16.")
+    device: str = _opt("cpu", "cpu | cuda | auto.")
     # run control: no effect on the result, so a resumed run may change them (workers: in stage 1)
-    workers: int = 1
-    save_every: int = 50
-    progress: bool = True
+    workers: int = _opt(1, "Processes (torch.distributed: gloo on CPU, nccl on GPU); ignored under torchrun.", min=1)
+    save_every: int = _opt(50, "Checkpoint every this many optimizer steps.", min=1)
+    progress: bool = _opt(True, cli=False)
 
 
 _RUN_CONTROL = ("workers", "save_every", "progress")
 
 
 def _check_options(o: DistillOptions) -> None:
+    from ..models import DTYPES
+
     choices = {"loss": LOSSES, "layers": SELECTIONS + ("none",), "train": TRAIN_CHOICES, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:

@@ -27,6 +27,7 @@ from .common import _apply_trained, _is_merged, _Job, _layer_file, _rank_device,
 from .launch import _backend, _run_stage
 from .options import (
     _RUN_CONTROL,
+    DEFAULT_TOKENS,
     METRICS_FILE,
     DistillError,
     DistillOptions,
@@ -219,7 +220,7 @@ def distill(
     out: str | Path,
     teacher: str | Path | None = None,
     data: str = "wikipedia",
-    tokens: int | torch.Tensor = 262_144,
+    tokens: int | torch.Tensor = DEFAULT_TOKENS,
     *,
     heldout: torch.Tensor | None = None,
     resume: bool = False,

@@ -1,19 +1,25 @@
-"""Registry of depth-compression methods.
+"""Registry of depth-compression methods: one `MethodSpec` per method (methods/catalog.py).
 
 A method is a callable `run(ctx, target_layers) -> None` that edits
 `ctx.model` through the context's `merge_window` / `remove_layers` helpers
 until it has `target_layers` decoder layers, recording what it did in
-`ctx.steps`. Registering one is a decorator in its own module.
+`ctx.steps`. Its spec says what it is (name, description), whether it runs
+layer-wise, what it needs otherwise, the option values it uses instead of the
+global defaults, and its own options; the spec is light (no torch), so the CLI
+builds its flags from it, and the module with `run` is imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ComeError
+
+if TYPE_CHECKING:
+    from ..options import Option
 
 
 class MethodFn(Protocol):
@@ -24,62 +30,77 @@ class MethodFn(Protocol):
 # bench/results/README.md.
 DEFAULT_METHOD = "come-search"
 
-METHODS: dict[str, MethodFn] = {}
-DESCRIPTIONS: dict[str, str] = {}
-# Methods that run in layer-wise mode (they only touch layers through ctx.layers / ctx.cache a
-# few at a time), and for the others what they would need in memory.
-LAYERWISE: set[str] = set()
-NEEDS: dict[str, str] = {}
-# Option values a method uses unless the user gives them (e.g. come-search refits by default).
-DEFAULTS: dict[str, dict] = {}
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    description: str
+    entry: str  # "module:function" in this package, e.g. "laco:run"
+    # Methods that run in layer-wise mode only touch layers through ctx.layers / ctx.cache a few at a time;
+    # for the others, what they would need in memory.
+    layerwise: bool = False
+    needs: str = "the whole model in memory"
+    # Option values the method uses unless the user gives them (e.g. come-search refits by default).
+    defaults: Mapping = field(default_factory=dict)
+    options: tuple[Option, ...] = ()  # the method's own options (the shared ones: options.SHARED)
+
+    def load(self) -> MethodFn:
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
-def register(
-    name: str,
-    description: str,
-    layerwise: bool = False,
-    needs: str = "the whole model in memory",
-    defaults: dict | None = None,
-) -> Callable[[MethodFn], MethodFn]:
-    def wrap(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        DESCRIPTIONS[name] = description
-        if layerwise:
-            LAYERWISE.add(name)
-        NEEDS[name] = needs
-        DEFAULTS[name] = dict(defaults or {})
-        return fn
-
-    return wrap
+_REGISTRY: dict[str, MethodSpec] = {}
 
 
-def _load_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+def _checked(spec: MethodSpec) -> MethodSpec:
+    from ..options import SHARED_NAMES
+
+    own = {o.name for o in spec.options}
+    unknown = set(spec.defaults) - SHARED_NAMES - own
+    if unknown:
+        raise AssertionError(f"{spec.name}: defaults for options it does not have: {sorted(unknown)}")
+    for o in spec.options:
+        o.check(o.default)
+    return spec
+
+
+def specs() -> list[MethodSpec]:
+    """Every method's spec, in the catalogue's order."""
+    if not _REGISTRY:
+        from .catalog import BUILTIN
+
+        _REGISTRY.update((spec.name, _checked(spec)) for spec in BUILTIN)
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> MethodSpec:
+    specs()
+    if name not in _REGISTRY:
+        raise ComeError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 def get_method(name: str) -> MethodFn:
-    _load_all()
-    if name not in METHODS:
-        raise ComeError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    return get_spec(name).load()
 
 
 def method_defaults(name: str) -> dict:
-    get_method(name)
-    return dict(DEFAULTS[name])
+    return dict(get_spec(name).defaults)
+
+
+def layerwise_methods() -> list[str]:
+    return sorted(spec.name for spec in specs() if spec.layerwise)
 
 
 def check_layerwise(name: str) -> None:
     """Refuse, before any work, a method that cannot run one layer at a time."""
-    get_method(name)
-    if name not in LAYERWISE:
+    spec = get_spec(name)
+    if not spec.layerwise:
         raise ComeError(
-            f"method {name!r} cannot run with --layerwise: it needs {NEEDS[name]}; "
-            f"layer-wise methods: {', '.join(sorted(LAYERWISE))}"
+            f"method {name!r} cannot run with --layerwise: it needs {spec.needs}; "
+            f"layer-wise methods: {', '.join(layerwise_methods())}"
         )
 
 
 def available_methods() -> dict[str, str]:
-    _load_all()
-    return dict(sorted(DESCRIPTIONS.items()))
+    return {spec.name: spec.description for spec in sorted(specs(), key=lambda s: s.name)}

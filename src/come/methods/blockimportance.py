@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from . import register
-
 PROTECT_FIRST, PROTECT_LAST = 4, 2
 
 
@@ -108,19 +106,9 @@ def _prune(ctx, target_layers: int, criterion: str, importance: list[float]) -> 
     ctx.remove_layers(removed)
 
 
-@register(
-    "magnitude+",
-    "Shortened LLaMA Magnitude+: delete the blocks with the smallest weight L1 norm (first 4 / last 2 kept)",
-    layerwise=True,
-)
 def run_magnitude(ctx, target_layers: int) -> None:
     _prune(ctx, target_layers, "magnitude", magnitude_importance(ctx))
 
 
-@register(
-    "taylor+",
-    "Shortened LLaMA Taylor+: delete the blocks with the smallest sum |W * dL/dW| (first 4 / last 2 kept)",
-    needs="a backward pass through the whole model",
-)
 def run_taylor(ctx, target_layers: int) -> None:
     _prune(ctx, target_layers, "taylor", taylor_importance(ctx))

@@ -6,7 +6,6 @@ from tqdm.auto import tqdm
 
 from ..errors import MergeError
 from ..merging import Selection, calibrate_output_norms, largest_remainder, merge_layers, top_channels
-from . import register
 
 
 def choose_window(ctx, size: int):
@@ -68,8 +67,6 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
     types = getattr(cfg, "layer_types", None)
     position = adapter.merged_position([types[ctx.records[k]["position_of"]] for k in window] if types else [])
     output_scales = None
-    if ctx.options.output_norm not in ("scale", "mean"):
-        raise MergeError(f"output_norm must be scale or mean, got {ctx.options.output_norm!r}")
     if adapter.output_norms and ctx.options.output_norm == "scale":
         output_scales = [ctx.cache.output_norm_scales(k) for k in window]
     merged = merge_layers(
@@ -120,14 +117,5 @@ def progressive_merge(ctx, target_layers: int, step) -> None:
             bar.update(size - 1)
 
 
-@register(
-    "come",
-    "CoMe: merge the most similar adjacent layers by concatenating their most sensitive channels",
-    layerwise=True,
-    # Re-merging: without it, disjoint windows run out once a third of the layers go and the last merges
-    # are forced wherever a pair is left (taking a 24-layer Qwen2 model to 13 layers fused its layers 0 and 1).
-    # The paper's rule is --no-allow-remerge; the two compared: bench/results/README.md.
-    defaults={"allow_remerge": True},
-)
 def run(ctx, target_layers: int) -> None:
     progressive_merge(ctx, target_layers, lambda *args: (*merge_step(*args), {}))

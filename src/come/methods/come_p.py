@@ -14,8 +14,6 @@ share, then to the lowest r. All candidate losses are in the plan's steps.
 
 from __future__ import annotations
 
-from ..errors import MergeError
-from . import register
 from .come import bi_ratios, merge_with_ratios, progressive_merge
 
 
@@ -27,9 +25,7 @@ def candidate_ratios(bi, start: int, size: int, r: float) -> list[float]:
 
 def search_step(ctx, start: int, size: int, bi):
     """(merged layer, merge record, step details) of the best ratio for window start..start+size-1."""
-    granularity = int(ctx.options.granularity)
-    if granularity < 1:
-        raise MergeError(f"--granularity must be at least 1, got {granularity}")
+    granularity = int(ctx.options.granularity)  # >= 1: options.py checks it
     cache = ctx.cache
     prior = bi_ratios(bi, start, size)[0]
     sensitivities = {k: cache.channel_sensitivity(k) for k in range(start, start + size)}
@@ -49,10 +45,5 @@ def search_step(ctx, start: int, size: int, bi):
     return merged, record, {"bi_ratio_first": prior, "candidates": candidates, "chosen_r": r, "chosen_loss": loss}
 
 
-@register(
-    "come-p",
-    "CoMe-p: CoMe with each merge's channel ratio grid-searched on the calibration loss",
-    needs="every later layer at once for each candidate's loss (a layer-by-layer what-if pass is not implemented)",
-)
 def run(ctx, target_layers: int) -> None:
     progressive_merge(ctx, target_layers, search_step)

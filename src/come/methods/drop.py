@@ -10,10 +10,8 @@ to the layer before it (`--refit` refits that layer to the original model).
 from __future__ import annotations
 
 from ..errors import MergeError
-from . import register
 
 
-@register("drop", "Delete exactly the original layers given by --drop-layers (replay a layer choice)", layerwise=True)
 def run(ctx, target_layers: int) -> None:
     names = [int(k) for k in ctx.options.drop_layers]
     n_remove = ctx.num_layers - target_layers

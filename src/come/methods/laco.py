@@ -41,7 +41,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import MergeError
-from . import register
 
 
 @torch.no_grad()
@@ -158,17 +157,10 @@ def _apply(ctx, run: _Pass, pass_index: int) -> None:
         ctx.merge_window(merge["start"], merge["layer"], merge["size"], merge["record"])
 
 
-@register(
-    "laco",
-    "LaCo: collapse layer windows by RDSC merging while the output stays similar to the original",
-    needs="every layer at once (each tentative merge is run through the whole stack)",
-)
 def run(ctx, target_layers: int) -> None:
     thresholds = sorted({float(t) for t in ctx.options.laco_thresholds}, reverse=True)
     if not thresholds:
         raise MergeError("laco needs at least one similarity threshold")
-    if int(ctx.options.laco_interval) < 1:
-        raise MergeError(f"laco_interval must be at least 1, got {ctx.options.laco_interval}")
     cache = ctx.cache
     cache.ensure_fresh()
     reference = cache.h[-1][: ctx.options.search_samples].clone()  # the original model's last boundary

@@ -28,9 +28,7 @@ import torch
 from ..errors import ComeError
 from ..refit import RidgeStats, ridge_solve
 from ..scoring import layer_output
-from . import register
 
-OBJECTIVES = ("lstsq", "cosine")
 COSINE_LR, COSINE_BATCH = 1e-4, 1024
 
 
@@ -59,8 +57,6 @@ def ffn_parts(cache, adapter, k: int, layer, kwargs):
 def fit_transform(ctx, owner: int, target_index: int) -> tuple[torch.Tensor, dict]:
     """T (d x d, float64) for the FFN output of layer `owner`, and its fit errors."""
     cache, adapter, opts = ctx.cache, ctx.adapter, ctx.options
-    if opts.replaceme_objective not in OBJECTIVES:
-        raise ComeError(f"replaceme objective must be one of {', '.join(OBJECTIVES)}, got {opts.replaceme_objective!r}")
     layer, kwargs = ctx.layers[owner], cache.layer_kwargs[owner]
     teacher = cache.teacher_boundary(target_index)
     d = ctx.config.hidden_size
@@ -111,11 +107,6 @@ def fold(adapter, layer, transform: torch.Tensor):
     return new
 
 
-@register(
-    "replaceme",
-    "ReplaceMe: delete the most redundant block of layers and fold a fitted linear map into the layer before it",
-    layerwise=True,
-)
 def run(ctx, target_layers: int) -> None:
     if ctx.adapter.output_norms:
         raise ComeError(f"replaceme folds its map into down_proj, but {ctx.adapter.family} normalises the FFN "

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from . import register
 
-
-@register("reverse", "Reverse order: delete the n layers just before the final one (one shot)", layerwise=True)
 def run(ctx, target_layers: int) -> None:
     # With L layers and n to remove, layers L-1-n .. L-2 go; layer L-1 stays.
     num = ctx.num_layers

@@ -34,7 +34,6 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from ..errors import MergeError
-from . import register
 from .come import bi_ratios, merge_with_ratios
 from .come_p import candidate_ratios
 from .sleb import removal_losses
@@ -42,8 +41,6 @@ from .sleb import removal_losses
 
 def ratio_vectors(bi, start: int, size: int, shares) -> list[tuple[str, list[float]]]:
     """(name, ratios) of a window: the BI ratio first, then each first-layer share; duplicates dropped."""
-    if any(not 0 <= float(r) <= 1 for r in shares):
-        raise MergeError(f"--search-ratios must lie in [0, 1], got {list(shares)}")
     out = [("bi", bi_ratios(bi, start, size))]
     for r in shares:
         ratios = candidate_ratios(bi, start, size, float(r))
@@ -221,16 +218,6 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
     return step
 
 
-@register(
-    "come-search",
-    "CoMe-search: each step applies the merge or deletion with the lowest calibration loss, each candidate refitted",
-    layerwise=True,
-    # Calibration 128 x 128 tokens, 16 of them scored: the same token counts as 32 x 512 and 4, from more
-    # documents. How this shape compares with 32 x 512 (it is not better on every model), and what the
-    # method costs: bench/results/README.md.
-    defaults={"refit": True, "allow_remerge": True, "search_samples": 16, "protect_first": 1,
-              "nsamples": 128, "seqlen": 128},
-)
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
     memo = _Memo()

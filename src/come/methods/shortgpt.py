@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from . import register
 
-
-@register("shortgpt", "ShortGPT: delete the n layers with the lowest block influence (one shot)", layerwise=True)
 def run(ctx, target_layers: int) -> None:
     bi = ctx.cache.block_influence()
     n_remove = ctx.num_layers - target_layers

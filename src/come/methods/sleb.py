@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from . import register
-
 
 def removal_losses(ctx, layers=None, samples: int | None = None) -> list[float]:
     """Calibration loss of the current model with each layer k of `layers` (default: every layer) deleted,
@@ -23,11 +21,6 @@ def removal_losses(ctx, layers=None, samples: int | None = None) -> list[float]:
     return [cache.loss_through(k, cache.current_stack(k + 1), samples=samples) for k in layers]
 
 
-@register(
-    "sleb",
-    "SLEB: iteratively delete the layer whose removal gives the lowest calibration loss",
-    needs="every later layer at once for each what-if loss (a layer-by-layer what-if pass is not implemented)",
-)
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
     with tqdm(total=total, desc="removing layers", unit="layer", disable=not ctx.options.progress) as bar:
