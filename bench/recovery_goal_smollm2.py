@@ -27,7 +27,8 @@ def _eval(model: Path, tasks: bool, args, ppl: bool = True) -> dict:
     from come.tasks import PAPER_TASKS
 
     return evaluate(str(model), ppl_sources=["wikipedia", "lambada"] if ppl else [], tasks=list(PAPER_TASKS) if tasks else [],
-                    limit=args.limit, max_tokens=args.ppl_tokens, seed=0, progress=not args.quiet, reference="plan" if ppl else None)
+                    limit=args.limit, max_tokens=args.ppl_tokens, seed=0, progress=not args.quiet, reference="plan" if ppl else None,
+                    reference_scores=False)  # the dense scores come from --dense-cell
 
 
 def main() -> None:

@@ -166,6 +166,7 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     """Cells written when a cell was keyed by the user's overrides (grid-wide calibration for every method,
     --set for its own) are read in today's form: the committed tables reproduce with --report-only."""
     from come.bench import cell_options, migrate_settings
+    from come.distill.options import DistillOptions
 
     grid = {"model": None, "ppl": ["wikipedia"], "tasks": [], "limit": None, "ppl_max_tokens": 256, "seqlen": 512,
             "seed": 0}
@@ -178,7 +179,7 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     assert migrate_settings({**grid, "compress_options": {}, "method_options": {}}, "dense") == grid
     distilled = migrate_settings({**old, "distill": {"tokens": 256, "lora": 0}}, "come-search-512+distill")
     assert distilled["distill"]["tokens"] == 256 and distilled["distill"]["lora"] == 0
-    assert distilled["distill"]["global_lr"] == 1e-3 and "workers" not in distilled["distill"]
+    assert distilled["distill"]["global_lr"] == DistillOptions().global_lr and "workers" not in distilled["distill"]
 
     out = tmp_path / "bench"
     (out / "cells").mkdir(parents=True)

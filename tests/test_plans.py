@@ -39,7 +39,7 @@ import torch
 
 from come.adapters import ADAPTERS, adapter_for
 from come.errors import ComeError
-from come.methods import LAYERWISE, available_methods
+from come.methods import available_methods, layerwise_methods
 from come.models import LoadedModel
 from come.pipeline import CompressionContext, compress
 from come.testing import FAMILIES, tiny_model, tiny_tokens
@@ -209,7 +209,7 @@ def _recorded() -> dict:
 
 # -- the tests ----------------------------------------------------------------------------------------
 CASES = cases()
-LAYERWISE_CASES = [name for name in CASES if CASES[name][0] in LAYERWISE]
+LAYERWISE_CASES = [name for name in CASES if CASES[name][0] in layerwise_methods()]
 
 
 def _variants_slow(names):

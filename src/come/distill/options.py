@@ -53,7 +53,7 @@ class DistillOptions:
     global_steps: int | None = _opt(None, "Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
                                           "--tokens; 0 skips stage 2.", min=0)
     # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4
-    global_lr: float = _opt(1e-3, "Stage-2 peak learning rate (the default suits --lora adapters).")
+    global_lr: float = _opt(3e-3, "Stage-2 peak learning rate (the default suits --lora adapters; full-weight training, --lora 0, wants a smaller one).")
     temperature: float = _opt(1.0, "KD temperature.")
     hidden_weight: float = _opt(0.0, "Stage-2 weight of the hidden-state alignment loss (0: logit KD alone).")
     train: str = _opt("all", "Stage-2 trainable layers: merged | neighbours (merged and the layers next to them) | all.")
