@@ -95,6 +95,111 @@ def test_qwen_export_round_trips_through_transformers(qwen_dirs, tmp_path, famil
     assert diff < TOLERANCE[qtype], diff
 
 
+# Gemma 3's every-6th-layer-full pattern, which llama.cpp's gemma3 assumes when a file gives none.
+def period6(n):
+    return ["sliding_attention" if i % 6 < 5 else "full_attention" for i in range(n)]
+
+
+def _gemma3(path, tokenizer, **overrides):
+    # head_dim 256 = query_pre_attn_scalar, as the real models have: transformers' GGUF reader does not read the
+    # scalar back and takes its default 256 (llama.cpp derives the scale from head_dim). A window of 8 is short
+    # enough for the sliding layers to differ from full ones at the test lengths.
+    overrides = {"num_hidden_layers": 7, "head_dim": 256, "query_pre_attn_scalar": 256, **overrides}
+    overrides.setdefault("layer_types", period6(overrides["num_hidden_layers"]))
+    return _saved(path, tokenizer, "gemma3", **overrides)
+
+
+@pytest.fixture(scope="module")
+def gemma3_dirs(tmp_path_factory, smollm2_tokenizer):
+    """A tiny Gemma 3 with the original pattern, and one merged by come (6 -> 4 layers) whose pattern is its own."""
+    import come
+    from come.models import LoadedModel
+
+    root = tmp_path_factory.mktemp("gemma3")
+    plain = _gemma3(root / "plain", smollm2_tokenizer)
+    source = tiny_model("gemma3", vocab_size=len(smollm2_tokenizer), num_hidden_layers=6, head_dim=256,
+                        query_pre_attn_scalar=256, layer_types=period6(6))
+    tokens = torch.randint(0, len(smollm2_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
+    come.compress(LoadedModel(source, None, {"name": "tiny-gemma3"}), target_layers=4, method="come", tokens=tokens,
+                  out=root / "merged", progress=False, batch_size=4)
+    smollm2_tokenizer.save_pretrained(root / "merged")
+    return {"plain": plain, "merged": root / "merged"}
+
+
+def _gemma3_fields(out):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(out)
+    fields = {key: reader.fields[key].contents() for key in reader.fields if key.startswith("gemma3.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_gemma3_export_round_trips_through_transformers(gemma3_dirs, tmp_path, qtype):
+    folder, out = gemma3_dirs["plain"], tmp_path / f"gemma3-{qtype}.gguf"
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "--type", qtype, "-q"])
+    assert result.exit_code == 0, result.output
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = reference.config
+    fields, tensors = _gemma3_fields(out)
+    assert fields["gemma3.block_count"] == 7 and fields["gemma3.attention.key_length"] == 256
+    assert fields["gemma3.attention.sliding_window"] == 8
+    assert fields["gemma3.attention.sliding_window_pattern"] == [True] * 5 + [False, True]
+    assert fields["gemma3.rope.freq_base"] == 1e6 and fields["gemma3.rope.freq_base_swa"] == 1e4
+    assert "gemma3.final_logit_softcapping" not in fields
+    # Zero-centred norms are stored as the gain llama.cpp multiplies by; the embeddings are tied (no output.weight).
+    assert "output.weight" not in tensors
+    for hf, name in (("self_attn.q_norm", "attn_q_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                     ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm")):
+        stored = torch.from_numpy(tensors[f"blk.1.{name}.weight"].data.copy())
+        expected = reference.get_submodule(f"model.layers.1.{hf}").weight.detach() + 1
+        torch.testing.assert_close(stored, expected)
+
+    loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
+    assert loaded.config.layer_types == config.layer_types and loaded.config.sliding_window == 8
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (loaded(ids).logits - reference(ids).logits).abs().max().item()
+    assert diff < TOLERANCE[qtype], diff
+
+
+def test_merged_gemma3_is_written_with_its_own_layer_pattern(gemma3_dirs, tmp_path):
+    """llama.cpp's gemma3 reads the per-layer pattern when the file has one; without it, every 6th layer is full."""
+    folder, out = gemma3_dirs["merged"], tmp_path / "merged.gguf"
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    types = reference.config.layer_types
+    assert types != period6(len(types))  # the merge moved the full layer: a period-6 reader would be wrong
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "not every 6th layer full" in result.output
+    fields, _ = _gemma3_fields(out)
+    assert fields["gemma3.attention.sliding_window_pattern"] == [kind == "sliding_attention" for kind in types]
+
+    # transformers' GGUF reader does not read the pattern back either: with the model's own layer types the
+    # weights give the folder's logits; with the default pattern (what a reader ignoring the key runs) they do not.
+    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        diffs = {}
+        for name, layer_types in (("own", types), ("period-6", period6(len(types)))):
+            loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32,
+                                                          layer_types=layer_types).eval()
+            diffs[name] = (loaded(ids).logits - expected).abs().max().item()
+    assert diffs["own"] < TOLERANCE["f16"] < 10 * TOLERANCE["f16"] < diffs["period-6"], diffs
+
+
+def test_only_byte_level_tokenizers_are_built_from_files(tmp_path, smollm2_tokenizer):
+    import json
+
+    folder = _saved(tmp_path / "m", smollm2_tokenizer, "llama")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    spec["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "m.gguf")])
+    _assert_refused(result, tmp_path, "not byte-level")
+
+
 def _assert_refused(result, tmp_path, pattern):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
@@ -103,9 +208,14 @@ def _assert_refused(result, tmp_path, pattern):
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path, smollm2_tokenizer):
-    folder = _saved(tmp_path / "g", smollm2_tokenizer, "gemma3")
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "phi3"}')
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "p.gguf")])
+    _assert_refused(result, tmp_path, "GGUF export supports llama, mistral, qwen2, qwen3, gemma3_text; phi3 is not supported yet")
+    folder = _saved(tmp_path / "g", smollm2_tokenizer, "gemma3", attn_logit_softcapping=50.0)
     result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "g.gguf")])
-    _assert_refused(result, tmp_path, "GGUF export supports llama, mistral, qwen2, qwen3; gemma3_text is not supported yet")
+    _assert_refused(result, tmp_path, "attn_logit_softcapping")
     result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "x.gguf"), "--type", "q3"])
     _assert_refused(result, tmp_path, "unknown GGUF type")
     # llama.cpp's qwen2 has no sliding window: such a file would attend too far.
@@ -118,9 +228,24 @@ def test_export_refuses_what_it_cannot_write(tmp_path, smollm2_tokenizer):
     ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                                    "original_max_position_embeddings": 64}}, "rope scaling 'yarn'"),
     ("qwen3", {"attention_bias": True}, "attention biases"),
+    # llama.cpp's gemma3 scales queries by 1/sqrt(head_dim), whatever query_pre_attn_scalar says ...
+    ("gemma3", {"query_pre_attn_scalar": 32}, r"query_pre_attn_scalar 32 .* 1/sqrt\(head_dim = 16\)"),
+    # ... except at 62 layers (its 27B rule), where it uses hidden_size / heads (here 16, not head_dim 32).
+    ("gemma3", {"num_hidden_layers": 62, "head_dim": 32, "query_pre_attn_scalar": 32}, "its rule for 62-layer models"),
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ("gemma3", {"hidden_activation": "gelu"}, "tanh GELU"),
+    ("gemma3", {"use_bidirectional_attention": True}, "bidirectional"),
+    ("gemma3", {"attention_bias": True}, "attention biases"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "rope scaling 'linear'"),
+    # A layer kind llama.cpp's gemma3 has no way to say (it knows sliding and full layers only).
+    ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention"] + ["full_attention"] * 4}, "chunked_attention"),
 ])
 def test_configs_llama_cpp_would_run_differently_are_refused(family, overrides, pattern):
     check_exportable(tiny_config(family))
+    if "num_hidden_layers" in overrides:  # the same head sizes pass at any other layer count
+        check_exportable(tiny_config(family, **dict(overrides, num_hidden_layers=61)))
     with pytest.raises(GGUFExportError, match=pattern):
         check_exportable(tiny_config(family, **overrides))
 
