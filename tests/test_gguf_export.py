@@ -250,30 +250,90 @@ def test_configs_llama_cpp_would_run_differently_are_refused(family, overrides, 
         check_exportable(tiny_config(family, **overrides))
 
 
+def _llama_cpp(path, n_ctx=128):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, logits_all=True, verbose=False, seed=0)
+
+
+def _llama_cpp_greedy(llm, tokens, n):
+    """n greedy tokens after `tokens` (ids, no BOS added), without stopping at an end of sequence."""
+    llm.reset()
+    got = []
+    for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
+        got.append(int(token))
+        if len(got) == n:
+            return got
+
+
+@torch.no_grad()
+def _transformers_greedy(model, ids, n):
+    ids = torch.tensor([ids])
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+# llama.cpp computes f16 matrices with f16 activations: a looser bound on logits of size ~1 than transformers' reader.
+LLAMA_CPP_TOLERANCE = 3e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gemma3-merged"])
+def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemma3_dirs, smollm2_tokenizer, tmp_path):
+    """f16 files of tiny random models in a real llama.cpp runtime: the same logits and greedy tokens."""
+    if family == "llama":
+        folder = _saved(tmp_path / "llama", smollm2_tokenizer, "llama", q_scale=16.0, num_hidden_layers=3)
+    else:
+        folder = {**qwen_dirs, "gemma3": gemma3_dirs["plain"], "gemma3-merged": gemma3_dirs["merged"]}[family]
+    out = tmp_path / "m.gguf"
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "--type", "f16", "-q"])
+    assert result.exit_code == 0, result.output
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # 20 tokens: more than Gemma's sliding window of 8, so sliding and full layers attend differently.
+    prompt = torch.randint(0, reference.config.vocab_size, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm = _llama_cpp(out)
+    llm.eval(prompt)
+    import numpy as np
+
+    got = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0]
+    assert (got - expected).abs().max().item() < LLAMA_CPP_TOLERANCE
+    assert _llama_cpp_greedy(llm, prompt, 8) == _transformers_greedy(reference, prompt, 8)
+
+
+def _real_model_check(folder, out, prompt):
+    """The f16 file of a compressed real model in llama.cpp: the same tokens for the prompt and the same greedy tokens."""
+    from come.models import load_model
+
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "--type", "f16", "-q"])
+    assert result.exit_code == 0, result.output
+    loaded = load_model(str(folder))
+    ids = loaded.tokenizer(prompt).input_ids  # with the BOS the tokenizer adds, if any
+    llm = _llama_cpp(out)
+    assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+    assert _llama_cpp_greedy(llm, ids, 8) == _transformers_greedy(loaded.model, ids, 8)
+
+
 @pytest.mark.slow
 def test_llama_cpp_generates_the_same_greedy_tokens(tmp_path):
-    """The compressed default model at f16 in a real llama.cpp runtime (llama-cpp-python)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    """The compressed default model (SmolLM2) at f16 in a real llama.cpp runtime (llama-cpp-python)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
     import come
-    from come.models import load_model
 
     come.compress(None, target_layers=24, method="shortgpt", nsamples=2, seqlen=64, out=tmp_path / "c", progress=False,
                   save_dtype="float32")
-    runner.invoke(app, ["export-gguf", str(tmp_path / "c"), "--out", str(tmp_path / "c.gguf"), "--type", "f16"])
-    loaded = load_model(str(tmp_path / "c"))
-    prompt = "The capital of France is"
-    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected = loaded.model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "c.gguf"), n_ctx=128, verbose=False, seed=0)
-    tokens = llm.tokenize(prompt.encode(), add_bos=False, special=False)
-    assert tokens == ids[0].tolist()
-    got = []
-    for token in llm.generate(tokens, temp=0.0, top_k=1):
-        got.append(token)
-        if len(got) == 8 or token == llm.token_eos():  # transformers stops at the end of sequence too
-            break
-    assert got == expected
+    _real_model_check(tmp_path / "c", tmp_path / "c.gguf", "The capital of France is")
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_compressed_gemma3_as_transformers_does(tmp_path):
+    """Gemma-3-270M compressed by the default method at 0.1: its merged layer pattern, rope bases and norms in llama.cpp."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    import come
+
+    come.compress("gemma3-270m", ratio=0.1, nsamples=2, seqlen=64, out=tmp_path / "c", progress=False)
+    _real_model_check(tmp_path / "c", tmp_path / "c.gguf", "The capital of France is")
 
 
 def test_qwen_pre_tokenizer_is_named_for_llama_cpp():
