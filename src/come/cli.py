@@ -481,7 +481,7 @@ def export_gguf_command(
     overwrite: bool = typer.Option(False, help="Replace an existing file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Write MODEL as a GGUF file for llama.cpp / ollama (Llama, Mistral, Qwen2 and Qwen3 families)."""
+    """Write MODEL as a GGUF file for llama.cpp / ollama (Llama, Mistral, Qwen2, Qwen3 and Gemma 3 families)."""
     try:
         from .gguf_export import export_gguf
 
