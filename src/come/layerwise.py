@@ -398,8 +398,8 @@ def save_layerwise(layers: LazyLayers, tokenizer, plan: dict, out: str | Path, o
                    save_dtype: torch.dtype | None = None) -> Path:
     """Write the compressed model as a standard checkpoint folder (atomically), streaming its tensors;
     floating tensors are written in `save_dtype` (default: as computed)."""
-    from .export import write_metadata
     from .outputs import atomic_folder
+    from .publish import write_metadata
 
     limit = parse_size(max_shard_size)
     shards: list[list[tuple]] = [[]]

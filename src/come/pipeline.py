@@ -238,9 +238,11 @@ def compress(
     output is streamed into shards of at most `max_shard_size`; the result's
     `model` is then a meta-device skeleton (structure and config, no weights).
     """
-    from .export import build_plan, finalize_model, resolve_save_dtype, save_compressed
+    from .export import resolve_save_dtype
     from .methods import check_layerwise, get_method, method_defaults
     from .outputs import prepare_output, work_folder
+    from .plan import build_plan, finalize_model
+    from .publish import save_compressed
 
     run = get_method(method)
     opts = resolve_options(method_defaults(method), options)
