@@ -109,6 +109,18 @@ class CompressionContext:
             )
         return self._cache
 
+    def pass_counts(self) -> dict:
+        """Decoder-layer passes so far: boundary updates (`layers_run`) and every pass, what-if losses and
+        refits included, in whole-calibration-set equivalents (`layer_passes`); 0 if nothing ran."""
+        cache = self._cache
+        return {"layers_run": cache.layers_run if cache is not None else 0,
+                "layer_passes": round(cache.layer_passes, 2) if cache is not None else 0}
+
+    def release(self) -> None:
+        """Free the calibration activations and every materialised layer (before the result is written)."""
+        self._cache = None
+        self.layers.release()
+
     def refresh(self, start: int) -> None:
         # Lazy: the next score recomputes; the reference mode reruns every layer.
         self.cache.invalidate_from(start if self.options.incremental else 0)
@@ -136,7 +148,7 @@ class CompressionContext:
         source = start + int(merge_record.get("position", 0))  # the source whose type the merged layer took
         position = self.records[source]["position_of"]
         self.records[start : start + size] = [{"covers": covers, "position_of": position, "merged": True, "merge": merge_record}]
-        cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[source]]
+        cache.replace_kwargs(start, size, source)
         self.refresh(start)
         if refit is not None:
             self.records[start]["refit"] = refit
@@ -162,7 +174,7 @@ class CompressionContext:
         self.layers.keep(keep)
         self.records = [self.records[k] for k in keep]
         if self._cache is not None:
-            self._cache.layer_kwargs = [self._cache.layer_kwargs[k] for k in keep]
+            self._cache.keep_kwargs(keep)
             self.refresh(min(removed))
         new_owners = sorted(keep.index(j) for j in owners)
         for j in new_owners:
@@ -316,9 +328,8 @@ def compress(
             "dtype": str(ctx.layers.dtype).removeprefix("torch."),
             "activations": storage,
             **({"merged_layers": "disk" if merged_on_disk else "ram"} if layerwise else {}),
-            "layers_run": ctx._cache.layers_run if ctx._cache is not None else 0,
-            # Every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
-            "layer_passes": round(ctx._cache.layer_passes, 2) if ctx._cache is not None else 0,
+            # layer_passes: every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
+            **ctx.pass_counts(),
             "method_seconds": round(loop_seconds, 2),  # calibration passes, scores and merges
             **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
         }
@@ -326,8 +337,7 @@ def compress(
             plan["execution"]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(ctx.layers.device) / 2**30, 3)
         saved_as, why = resolve_save_dtype(save_dtype, loaded.source, dtype)
         plan["save_dtype"] = {"dtype": saved_as, "why": why}
-        ctx._cache = None  # release the calibration activations before writing
-        ctx.layers.release()
+        ctx.release()  # the calibration activations and loaded layers go before the result is written
         result = CompressionResult(ctx.model, loaded.tokenizer, plan)
         if out_dir is not None and layerwise:
             result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size, sources,

@@ -171,7 +171,7 @@ def run(ctx, target_layers: int) -> None:
         raise MergeError(f"laco_interval must be at least 1, got {ctx.options.laco_interval}")
     cache = ctx.cache
     cache.ensure_fresh()
-    reference = cache.h[-1][: ctx.options.search_samples].clone()  # the original model's last boundary
+    reference = cache.boundary(cache.num_layers)[: ctx.options.search_samples].clone()  # the original model's last boundary
 
     memo: dict = {}
     scan, chosen = [], None
