@@ -135,9 +135,9 @@ def test_python_api_protects_the_folder_a_loaded_model_came_from(model_dir, tmp_
 
 def test_read_only_output_location_fails_before_any_work(model_dir, tmp_path, monkeypatch):
     calls = []
-    import come.pipeline
+    import come.execution
 
-    monkeypatch.setattr(come.pipeline, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
+    monkeypatch.setattr(come.execution, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
     with read_only_dir(tmp_path / "ro") as ro:
         _assert_error(_compress(model_dir, "--target-layers", "4", "--out", ro / "out"), "not writable")
         _assert_error(runner.invoke(app, ["bench", str(model_dir), "--out", str(ro / "bench"), "--tasks", "none"]),
