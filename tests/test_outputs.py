@@ -42,9 +42,9 @@ def test_python_api_protects_the_folder_a_loaded_model_came_from(tiny_dir, tmp_p
 
 def test_read_only_output_location_fails_before_any_work(tiny_dir, tmp_path, monkeypatch, read_only):
     calls = []
-    import come.pipeline
+    import come.execution
 
-    monkeypatch.setattr(come.pipeline, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
+    monkeypatch.setattr(come.execution, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
     with read_only(tmp_path / "ro") as ro:
         assert_error_line(compress_cli(tiny_dir, "--target-layers", "4", "--out", ro / "out"), "not writable")
         assert_error_line(runner.invoke(app, ["bench", str(tiny_dir), "--out", str(ro / "bench"), "--tasks", "none"]),

@@ -146,8 +146,8 @@ def test_unsupported_architecture():
 
 
 def test_removed_first_layer_keeps_the_kept_layers_position():
-    from come.export import finalize_model
     from come.pipeline import CompressionContext, CompressionOptions
+    from come.plan import finalize_model
 
     model = tiny_model("qwen2", layer_types=["full_attention", "sliding_attention"] * 3, sliding_window=16)
     ctx = CompressionContext(model, None, adapter_for(model.config), tiny_tokens(), CompressionOptions(progress=False))

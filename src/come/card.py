@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from .outputs import atomic_file, atomic_write_text
+from .plan import PLAN_FILE
+from .tasks import CHANCE
 
 PLAN_PICTURE = "come_plan.png"
 EVAL_FILE = "come_eval.json"
@@ -82,8 +84,6 @@ def _rows_of(evaluation: dict) -> dict[str, tuple[float, float | None, str]]:
             rows[f"{source} top-1 agreement"] = (f["top1"], None, "share of positions where both pick the same next token")
     zs = evaluation.get("zero_shot")
     if zs:
-        from .evaluate import CHANCE
-
         for task, r in zs["tasks"].items():
             metric = r["average_metric"]
             chance = f", chance {CHANCE[task]:g}" if task in CHANCE else ""
@@ -134,8 +134,6 @@ def card_metadata(plan: dict, evaluation: dict | None):
 
 
 def model_card(plan: dict, evaluation: dict | None = None, dense: dict | None = None) -> str:
-    from .export import PLAN_FILE
-
     rows = "\n".join(
         f"| {layer['index']} | {', '.join(map(str, layer['covers']))} | "
         f"{'merged' if layer['merged'] else ('kept' if len(layer['covers']) == 1 else 'absorbed a deleted span')}"

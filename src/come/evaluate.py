@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ComeError
+from .tasks import CHANCE
 
 
 @torch.no_grad()
@@ -97,9 +98,9 @@ def evaluate(
     `reference_scores` also scores the reference (once per machine and settings, cached) for the share of its
     skill above chance that the model keeps."""
     from .data import eval_tokens
-    from .export import PLAN_FILE, versions
     from .models import load_model
     from .perplexity import perplexity
+    from .plan import PLAN_FILE, versions
 
     if limit is not None and limit < 1:
         raise ComeError(f"--limit must be >= 1, got {limit}")
@@ -230,10 +231,6 @@ def dense_reference(plan: dict, settings: dict, progress: bool = True) -> dict |
     return cached_evaluation(source, settings, progress)
 
 
-# Accuracy of guessing, for each task's averaged metric: one over the choices per question. ARC has a few
-# questions with 3 or 5 choices; BoolQ's majority answer ("yes") scores above 0.5.
-CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
-          "winogrande": 0.5}
 
 
 def skill_above_chance(scores: dict[str, float], reference: dict[str, tuple[float, float | None]] | None = None) -> dict:
@@ -263,7 +260,7 @@ def _task_scores(zero_shot: dict) -> dict[str, tuple[float, float | None]]:
 def update_card(folder: str | Path, evaluation: dict, settings: dict, progress: bool = True) -> Path:
     """Write `evaluation` (of `folder`, a `come compress` output) and the dense model's into its card."""
     from .card import write_card
-    from .export import PLAN_FILE
+    from .plan import PLAN_FILE
 
     folder = Path(folder)
     plan_file = folder / PLAN_FILE

@@ -282,6 +282,21 @@ def _resolve_source(source: str) -> tuple[Path | str, dict]:
     return source, {"name": source, "kind": "hub", "path": source}
 
 
+def resolve_source(source: str | None) -> tuple[Path | str, dict]:
+    """(folder or hub id, provenance for the plan) of a model argument: a built-in model by name (None: the
+    default), a .gguf (converted once into the cache), a local folder or a hub id; fails fast."""
+    if source is None or source in BUILTINS:
+        return builtin_source(source or DEFAULT_MODEL)
+    return _resolve_source(str(source))
+
+
+def has_tokenizer(path: Path | str) -> bool:
+    """Whether a resolved source has a tokenizer to load (a hub id is assumed to)."""
+    if not isinstance(path, Path):
+        return True
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
     """Load `source` (None = the embedded default) as (model, tokenizer), ready for scoring.
 
@@ -292,10 +307,7 @@ def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if source is None or source in BUILTINS:
-        path, info = builtin_source(source or DEFAULT_MODEL)
-    else:
-        path, info = _resolve_source(str(source))
+    path, info = resolve_source(source)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
@@ -308,9 +320,7 @@ def load_model(source: str | None = None, dtype: str | torch.dtype = "float32", 
     except Exception as exc:  # noqa: BLE001 safetensors, torch and transformers raise many kinds on damaged files
         raise ModelLoadError(f"cannot load the weights of {source or DEFAULT_MODEL!r}: {_first_line(exc)}") from None
     check_loading_report(report, source or DEFAULT_MODEL)
-    local = isinstance(path, Path)
-    has_tokenizer = not local or any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None  # compress then needs tokens=
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None  # compress then needs tokens=
     return LoadedModel(_prepare(model, device), tokenizer, info)
 
 

@@ -16,7 +16,7 @@ from .activations import BoundaryStore, choose_storage
 from .adapters import Adapter, adapter_for
 from .errors import InvalidTarget, ModelLoadError
 from .methods import DEFAULT_METHOD
-from .models import LoadedModel, count_parameters, load_model, parse_dtype, resolve_device
+from .models import LoadedModel, count_parameters, parse_dtype
 from .options import CompressionOptions, resolve_options
 from .scoring import BoundaryCache, ModelLayers
 
@@ -109,6 +109,18 @@ class CompressionContext:
             )
         return self._cache
 
+    def pass_counts(self) -> dict:
+        """Decoder-layer passes so far: boundary updates (`layers_run`) and every pass, what-if losses and
+        refits included, in whole-calibration-set equivalents (`layer_passes`); 0 if nothing ran."""
+        cache = self._cache
+        return {"layers_run": cache.layers_run if cache is not None else 0,
+                "layer_passes": round(cache.layer_passes, 2) if cache is not None else 0}
+
+    def release(self) -> None:
+        """Free the calibration activations and every materialised layer (before the result is written)."""
+        self._cache = None
+        self.layers.release()
+
     def refresh(self, start: int) -> None:
         # Lazy: the next score recomputes; the reference mode reruns every layer.
         self.cache.invalidate_from(start if self.options.incremental else 0)
@@ -136,7 +148,7 @@ class CompressionContext:
         source = start + int(merge_record.get("position", 0))  # the source whose type the merged layer took
         position = self.records[source]["position_of"]
         self.records[start : start + size] = [{"covers": covers, "position_of": position, "merged": True, "merge": merge_record}]
-        cache.layer_kwargs[start : start + size] = [cache.layer_kwargs[source]]
+        cache.replace_kwargs(start, size, source)
         self.refresh(start)
         if refit is not None:
             self.records[start]["refit"] = refit
@@ -162,7 +174,7 @@ class CompressionContext:
         self.layers.keep(keep)
         self.records = [self.records[k] for k in keep]
         if self._cache is not None:
-            self._cache.layer_kwargs = [self._cache.layer_kwargs[k] for k in keep]
+            self._cache.keep_kwargs(keep)
             self.refresh(min(removed))
         new_owners = sorted(keep.index(j) for j in owners)
         for j in new_owners:
@@ -238,66 +250,47 @@ def compress(
     output is streamed into shards of at most `max_shard_size`; the result's
     `model` is then a meta-device skeleton (structure and config, no weights).
     """
-    from .export import build_plan, finalize_model, resolve_save_dtype, save_compressed
-    from .methods import check_layerwise, get_method, method_defaults
+    from .execution import open_execution
+    from .export import resolve_save_dtype
+    from .methods import get_method, method_defaults
     from .outputs import prepare_output, work_folder
+    from .plan import build_plan, finalize_model
 
+    # Resolve: the method, its options and how it runs; every refusal comes before any work.
     run = get_method(method)
     opts = resolve_options(method_defaults(method), options)
-    if layerwise:
-        check_layerwise(method)
-        if isinstance(model, LoadedModel):
-            raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
+    execution = open_execution(model, opts, method=method, layerwise=layerwise, dtype=dtype, device=device,
+                               max_shard_size=max_shard_size)
     sources = source_paths(model)
-    out_dir = prepare_output(out, overwrite, sources) if out is not None else None  # fail fast, before any work
-    if layerwise:
-        from .layerwise import parse_size
-
-        parse_size(max_shard_size)  # a typo here should not cost a whole run
+    out_dir = prepare_output(out, overwrite, sources) if out is not None else None
+    execution.check_save()
     if save_dtype is not None:
         parse_dtype(save_dtype)
     started = time.perf_counter()
-    checkpoint = None
-    if layerwise:
-        from .layerwise import load_layerwise
-
-        loaded, checkpoint = load_layerwise(model, dtype=dtype, device=device)
-    else:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
+    # Load.
+    loaded = execution.load()
     adapter = adapter_for(loaded.model.config)
     original_layers = len(adapter.layers(loaded.model))
     original_params = count_parameters(loaded.model)
     target = resolve_target(loaded.model, adapter, ratio, target_layers)
-    if tokens is None:
-        if loaded.tokenizer is None:
-            raise ModelLoadError("the model folder has no tokenizer to read the calibration text with")
-        tokens = data_mod.calibration_tokens(loaded.tokenizer, opts.calib, opts.nsamples, opts.seqlen, seed=opts.seed)
-    else:
-        opts.calib, (opts.nsamples, opts.seqlen) = "tokens", tuple(tokens.shape)
+    # Calibrate.
+    tokens = calibration_tokens(loaded, tokens, opts)
     storage = choose_storage(opts.activation_storage, activation_bytes(loaded.model, adapter, tokens, opts))
-    # Layer-wise runs expect memory to be short: merged layers go to disk unless RAM was asked for.
-    merged_on_disk = layerwise and opts.activation_storage != "ram"
     # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
     work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
-    use_disk = storage == "disk" or merged_on_disk
+    use_disk = storage == "disk" or execution.needs_work_folder
     with work_folder(work_root) if use_disk else nullcontext() as work:
-        layers = None
-        if layerwise:
-            from .layerwise import LazyLayers, save_layerwise
-
-            layers = LazyLayers(
-                loaded.model, adapter, checkpoint, resolve_device(device), parse_dtype(dtype),
-                merged_dir=work if merged_on_disk else None,
-            )
+        layers = execution.layers(loaded.model, adapter, work)
         torch.manual_seed(opts.seed)
-        ctx = CompressionContext(
-            loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers, store=BoundaryStore(storage, work)
-        )
+        ctx = CompressionContext(loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers,
+                                 store=BoundaryStore(storage, work))
         loop_started = time.perf_counter()
         if opts.refit:
             _ = ctx.cache  # the refit's targets are the original model's boundaries: capture them first
+        # Run the method.
         run(ctx, target)
         loop_seconds = time.perf_counter() - loop_started
+        # Build the plan.
         finalize_model(ctx)
         plan = build_plan(
             ctx,
@@ -308,32 +301,45 @@ def compress(
             ratio=ratio,
             seconds=time.perf_counter() - started,
         )
-        plan["execution"] = {
-            "layerwise": layerwise,
-            "device": str(ctx.layers.device),
-            "dtype": str(ctx.layers.dtype).removeprefix("torch."),
-            "activations": storage,
-            **({"merged_layers": "disk" if merged_on_disk else "ram"} if layerwise else {}),
-            "layers_run": ctx._cache.layers_run if ctx._cache is not None else 0,
-            # Every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
-            "layer_passes": round(ctx._cache.layer_passes, 2) if ctx._cache is not None else 0,
-            "method_seconds": round(loop_seconds, 2),  # calibration passes, scores and merges
-            **({"layer_loads": layers.loads, "peak_layers_loaded": layers.peak_live} if layers is not None else {}),
-        }
-        if ctx.layers.device.type == "cuda":
-            plan["execution"]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(ctx.layers.device) / 2**30, 3)
+        plan["execution"] = execution_record(execution, ctx, storage, loop_seconds)
         saved_as, why = resolve_save_dtype(save_dtype, loaded.source, dtype)
         plan["save_dtype"] = {"dtype": saved_as, "why": why}
-        ctx._cache = None  # release the calibration activations before writing
-        ctx.layers.release()
+        # Save.
+        ctx.release()  # the calibration activations and loaded layers go before the result is written
         result = CompressionResult(ctx.model, loaded.tokenizer, plan)
-        if out_dir is not None and layerwise:
-            result.out_dir = save_layerwise(layers, loaded.tokenizer, plan, out_dir, overwrite, max_shard_size, sources,
-                                            save_dtype=parse_dtype(saved_as))
-        elif out_dir is not None:
-            result.out_dir = save_compressed(ctx.model, loaded.tokenizer, plan, out_dir, overwrite=overwrite,
-                                             sources=sources, save_dtype=parse_dtype(saved_as))
+        if out_dir is not None:
+            result.out_dir = execution.save(ctx.layers, loaded.tokenizer, plan, out_dir, overwrite=overwrite,
+                                            sources=sources, save_dtype=parse_dtype(saved_as))
     return result
+
+
+def calibration_tokens(loaded: LoadedModel, tokens: torch.Tensor | None, opts: CompressionOptions) -> torch.Tensor:
+    """The calibration token ids: `tokens` if given (recorded as such in `opts`), else sampled from
+    `opts.calib` with the model's tokenizer."""
+    if tokens is not None:
+        opts.calib, (opts.nsamples, opts.seqlen) = "tokens", tuple(tokens.shape)
+        return tokens
+    if loaded.tokenizer is None:
+        raise ModelLoadError("the model folder has no tokenizer to read the calibration text with")
+    return data_mod.calibration_tokens(loaded.tokenizer, opts.calib, opts.nsamples, opts.seqlen, seed=opts.seed)
+
+
+def execution_record(execution, ctx: CompressionContext, storage: str, method_seconds: float) -> dict:
+    """The plan's `execution` entry: how the run went (mode, device, dtype, where activations were, passes, time)."""
+    record = {
+        "layerwise": execution.layerwise,
+        "device": str(ctx.layers.device),
+        "dtype": str(ctx.layers.dtype).removeprefix("torch."),
+        "activations": storage,
+        **execution.settings(),
+        # layer_passes: every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
+        **ctx.pass_counts(),
+        "method_seconds": round(method_seconds, 2),  # calibration passes, scores and merges
+        **execution.counters(),
+    }
+    if ctx.layers.device.type == "cuda":
+        record["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(ctx.layers.device) / 2**30, 3)
+    return record
 
 
 def source_paths(model) -> list:

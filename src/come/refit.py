@@ -255,9 +255,10 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
         gain = adapter.norm_offset + added.weight.float()
         dead = gain.abs() <= 1e-6 * gain.abs().max()
         safe_gain = torch.where(dead, torch.ones_like(gain), gain)
+    inputs = cache.boundary(k)
     try:
-        for b0, b1 in cache._batches():
-            x = cache.h[k][b0:b1].to(cache.device, cache.compute_dtype)
+        for b0, b1 in cache.batches():
+            x = inputs[b0:b1].to(cache.device, cache.compute_dtype)
             out = layer(x, **kwargs)
             out = layer_output(out)
             cache.count_passes(b1 - b0)
@@ -285,12 +286,12 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
 @torch.no_grad()
 def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int) -> float:
     """Relative error of `layer`'s real output against the teacher on the held-out sequences."""
-    teacher, num, den = cache.teacher_boundary(target_index), 0.0, 0.0
-    for b0, b1 in cache._batches():
+    teacher, inputs, num, den = cache.teacher_boundary(target_index), cache.boundary(k), 0.0, 0.0
+    for b0, b1 in cache.batches():
         rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
         if not rows:
             continue
-        x = cache.h[k][b0:b1][rows].to(cache.device, cache.compute_dtype)
+        x = inputs[b0:b1][rows].to(cache.device, cache.compute_dtype)
         out = layer(x, **kwargs)
         out = layer_output(out).double()
         t = teacher[b0:b1][rows].to(out.device, torch.float64)

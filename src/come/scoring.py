@@ -76,7 +76,7 @@ def capture_boundaries(
     return states, [kwargs_of[i] for i in sorted(kwargs_of)]
 
 
-def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, all_layers: bool):
+def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, all_layers: bool):
     """(hidden state entering layer 0, [kwargs of layer l] for every layer, or layer 0 only)."""
     last = len(adapter.layers(model)) - 1 if all_layers else 0
     states, kwargs = capture_boundaries(model, adapter, input_ids, {0, last}, with_kwargs=True)
@@ -86,7 +86,7 @@ def _capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.T
 class ModelLayers:
     """Decoder layers of a model held in memory: its own ModuleList.
 
-    The layer-wise mode swaps in `layerwise.LazyLayers` (same interface), which
+    The layer-wise mode swaps in `lazy_layers.LazyLayers` (same interface), which
     materialises one layer at a time from the checkpoint; the code that scores
     and merges layers only goes through this interface.
     """
@@ -167,13 +167,13 @@ class BoundaryCache:
         # calibration), so one single-sequence capture serves every batch.
         n, s = tokens.shape
         with torch.no_grad(), self.layers.capture():
-            _, kwargs = _capture_layer_inputs(model, adapter, tokens[:1].to(self.device), all_layers=True)
+            _, kwargs = capture_layer_inputs(model, adapter, tokens[:1].to(self.device), all_layers=True)
             # kwargs of original layer l; a merged layer uses those of its first source.
             self.layer_kwargs: list[dict] = kwargs
             # Boundaries are tensors in RAM or `DiskBoundary` files; both are read by row ranges.
             self.h: list = [self.store.new((n, s, model.config.hidden_size), storage_dtype)]
             for b0 in range(0, n, self.batch_size):
-                x, _ = _capture_layer_inputs(model, adapter, tokens[b0 : b0 + self.batch_size].to(self.device), False)
+                x, _ = capture_layer_inputs(model, adapter, tokens[b0 : b0 + self.batch_size].to(self.device), False)
                 self.h[0][b0 : b0 + x.shape[0]] = x.to(storage_dtype).cpu()
         self.recompute_from(0)
         # The original model's boundaries: targets of the output refit. Later recomputations make
@@ -187,7 +187,8 @@ class BoundaryCache:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def _batches(self):
+    def batches(self) -> list[tuple[int, int]]:
+        """(first row, end row) of every batch of the calibration set, in order."""
         n = self.tokens.shape[0]
         return [(b0, min(n, b0 + self.batch_size)) for b0 in range(0, n, self.batch_size)]
 
@@ -196,6 +197,14 @@ class BoundaryCache:
         layer = self.layers[k]
         out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
         return layer_output(out)
+
+    def replace_kwargs(self, start: int, size: int, source: int) -> None:
+        """Layers start..start+size-1 became one layer, which runs with the kwargs of layer `source`."""
+        self.layer_kwargs[start : start + size] = [self.layer_kwargs[source]]
+
+    def keep_kwargs(self, indices: list[int]) -> None:
+        """Only layers `indices` remain (in that order)."""
+        self.layer_kwargs = [self.layer_kwargs[k] for k in indices]
 
     def invalidate_from(self, start: int) -> None:
         """Layers from `start` on changed: h_{start+1}.. are recomputed when next needed."""
@@ -228,7 +237,7 @@ class BoundaryCache:
         )
         for k in steps:
             out = self.store.new(self.h[k].shape, self.storage_dtype)
-            for b0, b1 in self._batches():
+            for b0, b1 in self.batches():
                 y = self.run_layer(k, self.h[k][b0:b1])
                 if not torch.isfinite(y).all():
                     raise NonFiniteActivations(
@@ -255,7 +264,7 @@ class BoundaryCache:
         """
         self.boundary(start)
         batches = []
-        for b0, b1 in self._batches():
+        for b0, b1 in self.batches():
             if samples is not None and b0 >= samples:
                 break
             batches.append((b0, b1 if samples is None else min(b1, samples)))
@@ -315,7 +324,7 @@ class BoundaryCache:
         scores = []
         for l in range(self.num_layers):
             total = 0.0
-            for b0, b1 in self._batches():
+            for b0, b1 in self.batches():
                 cos = self._cosine(self.h[l][b0:b1], self.h[l + 1][b0:b1])
                 total += (1 - cos.clamp(0, 1)).double().sum().item()
             scores.append(total / (self.tokens.numel()))
@@ -328,7 +337,7 @@ class BoundaryCache:
         self.boundary(k)
         num = den = 0.0
         teacher = self.teacher_boundary(target_index)
-        for b0, b1 in self._batches():
+        for b0, b1 in self.batches():
             t = teacher[b0:b1].double()
             num += float((self.h[k][b0:b1].double() - t).pow(2).sum())
             den += float(t.pow(2).sum())
@@ -342,7 +351,7 @@ class BoundaryCache:
         for i in range(starts):
             # Batch by batch (boundaries may be on disk); the mean is taken over all of them at once.
             angles = []
-            for b0, b1 in self._batches():
+            for b0, b1 in self.batches():
                 a, b = self.h[i][b0:b1], self.h[i + size][b0:b1]
                 if not all_tokens:
                     a, b = a[:, -1:], b[:, -1:]
@@ -372,7 +381,7 @@ class BoundaryCache:
 
         handles = [o_proj.register_forward_pre_hook(accumulate("o")), down.register_forward_pre_hook(accumulate("down"))]
         try:
-            for b0, b1 in self._batches():
+            for b0, b1 in self.batches():
                 self.run_layer(k, self.h[k][b0:b1])
         finally:
             for h in handles:
@@ -399,7 +408,7 @@ class BoundaryCache:
                 sums[name] = sums.get(name, 0.0) + float(x.pow(2).mean(-1).add(mod.eps).rsqrt().sum())
             handles.append(layer.get_submodule(norm_name).register_forward_pre_hook(hook))
         try:
-            for b0, b1 in self._batches():
+            for b0, b1 in self.batches():
                 self.run_layer(k, self.boundary(k)[b0:b1])
                 self.count_passes(b1 - b0)
         finally:

@@ -12,7 +12,7 @@ from ..adapters import adapter_for
 from ..errors import NonFiniteActivations
 from ..models import DTYPES
 from ..outputs import atomic_folder, write_json_atomic
-from ..scoring import _capture_layer_inputs, capture_boundaries, layer_output
+from ..scoring import capture_boundaries, capture_layer_inputs, layer_output
 from .common import _span
 from .options import DistillOptions
 
@@ -52,7 +52,7 @@ def span_errors(teacher: nn.Module, student: nn.Module, plan_layers: list[dict],
     on `tokens` ([n, seqlen] ids): the stage-1 objective, e.g. on held-out text."""
     adapter = adapter_for(teacher.config)
     device = next(teacher.parameters()).device
-    kwargs = _capture_layer_inputs(teacher, adapter, tokens[:1].to(device), all_layers=True)[1]
+    kwargs = capture_layer_inputs(teacher, adapter, tokens[:1].to(device), all_layers=True)[1]
     boundaries = {b for rec in plan_layers for b in (_span(rec)[0], _span(rec)[1] + 1)}
     sums: dict[int, list[float]] = {k: [0.0, 0.0] for k in range(len(plan_layers))}
     for b0 in range(0, tokens.shape[0], batch_size):

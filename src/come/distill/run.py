@@ -19,9 +19,10 @@ from torch import nn
 from .. import data as data_mod
 from ..adapters import adapter_for
 from ..errors import OutputExists
-from ..export import PLAN_FILE, save_compressed, versions
 from ..models import load_model
 from ..outputs import check_not_source, prepare_output, publish_folder, write_json_atomic
+from ..plan import PLAN_FILE, versions
+from ..publish import save_compressed
 from .cache import _build_cache
 from .common import _apply_trained, _is_merged, _Job, _layer_file, _rank_device, _seed, _span
 from .launch import _backend, _run_stage

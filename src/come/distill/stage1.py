@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..adapters import adapter_for
 from ..outputs import atomic_file, write_json_atomic
-from ..scoring import _capture_layer_inputs, layer_output
+from ..scoring import capture_layer_inputs, layer_output
 from .cache import _read_chunk
 from .common import (
     _epoch_order,
@@ -40,7 +40,7 @@ def _stage1(rank: int, world: int, job: _Job, models=None) -> None:
     device = next(student.parameters()).device
     tokens = torch.load(job.dir / "tokens.pt")
     # Masks and rotary embeddings depend only on the sequence shape: one capture serves every chunk.
-    kwargs = _capture_layer_inputs(teacher, adapter, tokens[:1].to(device), all_layers=True)[1]
+    kwargs = capture_layer_inputs(teacher, adapter, tokens[:1].to(device), all_layers=True)[1]
     head = None
     if job.options.loss == "kl":
         norm, lm_head = teacher.get_submodule(adapter.final_norm_path), teacher.get_submodule(adapter.lm_head_path)

@@ -83,7 +83,7 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
     if output_scales is not None:
         cache, kwargs = ctx.cache, ctx.cache.layer_kwargs[start + position]
         batches = lambda: ((cache.boundary(start)[b0:b1].to(cache.device, cache.compute_dtype), kwargs)
-                           for b0, b1 in cache._batches())
+                           for b0, b1 in cache.batches())
         record["output_norms"] = {"source_scales": output_scales,
                                   "merged_scale": calibrate_output_norms(adapter, merged, batches)}
     return merged, record

@@ -163,7 +163,7 @@ def run(ctx, target_layers: int) -> None:
         raise MergeError("laco needs at least one similarity threshold")
     cache = ctx.cache
     cache.ensure_fresh()
-    reference = cache.h[-1][: ctx.options.search_samples].clone()  # the original model's last boundary
+    reference = cache.boundary(cache.num_layers)[: ctx.options.search_samples].clone()  # the original model's last boundary
 
     memo: dict = {}
     scan, chosen = [], None

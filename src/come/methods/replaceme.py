@@ -45,7 +45,7 @@ def ffn_parts(cache, adapter, k: int, layer, kwargs):
     captured = {}
     handle = adapter.down_proj(layer).register_forward_hook(lambda mod, args, out: captured.__setitem__("m", out))
     try:
-        for b0, b1 in cache._batches():
+        for b0, b1 in cache.batches():
             out = layer(cache.boundary(k)[b0:b1].to(cache.device, cache.compute_dtype), **kwargs)
             out = layer_output(out)
             cache.count_passes(b1 - b0)

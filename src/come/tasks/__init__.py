@@ -10,11 +10,12 @@ Importing this package is light: lm-eval is imported only when tasks run.
 
 from __future__ import annotations
 
-from .data import PAPER_TASKS, SPLIT_NOTES, cache_root, export_offline_data
+from .data import CHANCE, PAPER_TASKS, SPLIT_NOTES, cache_root, export_offline_data
 from .harness import AVERAGE_METRIC, offline_task_name, task_manager, zero_shot
 
 __all__ = [
     "AVERAGE_METRIC",
+    "CHANCE",
     "PAPER_TASKS",
     "SPLIT_NOTES",
     "cache_root",

