@@ -277,7 +277,8 @@ LLAMA_CPP_TOLERANCE = 3e-2
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gemma3-merged"])
-def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemma3_dirs, smollm2_tokenizer, tmp_path):
+def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemma3_dirs, smollm2_tokenizer, tmp_path,
+                                                        monkeypatch):
     """f16 files of tiny random models in a real llama.cpp runtime: the same logits and greedy tokens."""
     if family == "llama":
         folder = _saved(tmp_path / "llama", smollm2_tokenizer, "llama", q_scale=16.0, num_hidden_layers=3)
@@ -298,6 +299,16 @@ def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemm
         expected = reference(torch.tensor([prompt])).logits[0]
     assert (got - expected).abs().max().item() < LLAMA_CPP_TOLERANCE
     assert _llama_cpp_greedy(llm, prompt, 8) == _transformers_greedy(reference, prompt, 8)
+    if family == "gemma3-merged":  # the pattern key is what makes it right: without it llama.cpp runs period 6
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_sliding_window_pattern", lambda writer, value: None)
+        result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "p6.gguf"), "-q"])
+        assert result.exit_code == 0, result.output
+        llm = _llama_cpp(tmp_path / "p6.gguf")
+        llm.eval(prompt)
+        wrong = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+        assert (wrong - expected).abs().max().item() > 3 * LLAMA_CPP_TOLERANCE
 
 
 def _real_model_check(folder, out, prompt):
