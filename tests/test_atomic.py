@@ -5,7 +5,6 @@ import os
 import stat
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
@@ -34,26 +33,6 @@ def _umask():
 
 def _names(folder):
     return sorted(p.name for p in folder.iterdir())
-
-
-@contextmanager
-def _read_only(path):
-    """A folder nothing can be created in: a read-only tmpfs as root (which ignores mode bits), else mode 0555."""
-    path.mkdir()
-    if os.geteuid() == 0:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True)  # noqa: PLW1510
-        if done.returncode != 0:
-            pytest.skip(f"running as root and cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
-        try:
-            yield path
-        finally:
-            subprocess.run(["umount", str(path)], check=False)
-    else:
-        path.chmod(0o555)
-        try:
-            yield path
-        finally:
-            path.chmod(0o755)
 
 
 def _dead_pid():
@@ -145,8 +124,8 @@ def test_a_file_where_a_folder_should_be_is_an_error(tmp_path):
     assert (tmp_path / "file").read_text() == "x" and _names(tmp_path) == ["file"]
 
 
-def test_an_unwritable_location_is_reported_as_such(tmp_path):
-    with _read_only(tmp_path / "ro") as ro:
+def test_an_unwritable_location_is_reported_as_such(tmp_path, read_only):
+    with read_only(tmp_path / "ro") as ro:
         with pytest.raises(OutputNotWritable, match="not writable"):
             check_output_file(ro / "r.json", what="--json")
         with pytest.raises(OutputNotWritable, match="--json location .* not writable"):

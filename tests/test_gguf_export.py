@@ -277,7 +277,8 @@ LLAMA_CPP_TOLERANCE = 3e-2
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3", "gemma3-merged"])
-def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemma3_dirs, smollm2_tokenizer, tmp_path):
+def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemma3_dirs, smollm2_tokenizer, tmp_path,
+                                                        monkeypatch):
     """f16 files of tiny random models in a real llama.cpp runtime: the same logits and greedy tokens."""
     if family == "llama":
         folder = _saved(tmp_path / "llama", smollm2_tokenizer, "llama", q_scale=16.0, num_hidden_layers=3)
@@ -298,10 +299,36 @@ def test_llama_cpp_runs_tiny_models_as_transformers_does(family, qwen_dirs, gemm
         expected = reference(torch.tensor([prompt])).logits[0]
     assert (got - expected).abs().max().item() < LLAMA_CPP_TOLERANCE
     assert _llama_cpp_greedy(llm, prompt, 8) == _transformers_greedy(reference, prompt, 8)
+    llm.close()
+    if family == "gemma3-merged":  # the pattern key is what makes it right: without it llama.cpp runs period 6
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_sliding_window_pattern", lambda writer, value: None)
+        result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(tmp_path / "p6.gguf"), "-q"])
+        assert result.exit_code == 0, result.output
+        llm = _llama_cpp(tmp_path / "p6.gguf")
+        llm.eval(prompt)
+        wrong = torch.from_numpy(np.array(llm.scores[:len(prompt)], dtype=np.float32))
+        assert (wrong - expected).abs().max().item() > 3 * LLAMA_CPP_TOLERANCE
+        llm.close()
+
+
+# Max |logit difference| of a real model's f16 file in llama.cpp (logits of size ~30; f16 activations).
+REAL_TOLERANCE = 0.1
+
+
+def _llama_cpp_logits(llm, ids):
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
 
 
 def _real_model_check(folder, out, prompt):
-    """The f16 file of a compressed real model in llama.cpp: the same tokens for the prompt and the same greedy tokens."""
+    """The f16 file of a compressed real model in llama.cpp: the same prompt tokens, logits and greedy tokens.
+
+    Returns the model and prompt ids, and the transformers logits."""
     from come.models import load_model
 
     result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "--type", "f16", "-q"])
@@ -310,7 +337,12 @@ def _real_model_check(folder, out, prompt):
     ids = loaded.tokenizer(prompt).input_ids  # with the BOS the tokenizer adds, if any
     llm = _llama_cpp(out)
     assert llm.tokenize(prompt.encode(), add_bos=True, special=False) == ids
+    with torch.no_grad():
+        expected = loaded.model(torch.tensor([ids])).logits[0]
+    assert (_llama_cpp_logits(llm, ids) - expected).abs().max().item() < REAL_TOLERANCE
     assert _llama_cpp_greedy(llm, ids, 8) == _transformers_greedy(loaded.model, ids, 8)
+    llm.close()
+    return ids, expected
 
 
 @pytest.mark.slow
@@ -325,13 +357,25 @@ def test_llama_cpp_generates_the_same_greedy_tokens(tmp_path):
 
 
 @pytest.mark.slow
-def test_llama_cpp_runs_compressed_gemma3_as_transformers_does(tmp_path):
+def test_llama_cpp_runs_compressed_gemma3_as_transformers_does(tmp_path, monkeypatch):
     """Gemma-3-270M compressed by the default method at 0.1: its merged layer pattern, rope bases and norms in llama.cpp."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)")
+    import json
+
     import come
 
     come.compress("gemma3-270m", ratio=0.1, nsamples=2, seqlen=64, out=tmp_path / "c", progress=False)
-    _real_model_check(tmp_path / "c", tmp_path / "c.gguf", "The capital of France is")
+    ids, expected = _real_model_check(tmp_path / "c", tmp_path / "c.gguf", "The capital of France is")
+    types = json.loads((tmp_path / "c" / "config.json").read_text())["layer_types"]
+    if types != period6(len(types)):  # merged layers moved a full one: without the pattern key llama.cpp is wrong
+        import gguf
+
+        monkeypatch.setattr(gguf.GGUFWriter, "add_sliding_window_pattern", lambda writer, value: None)
+        result = runner.invoke(app, ["export-gguf", str(tmp_path / "c"), "--out", str(tmp_path / "p6.gguf"), "-q"])
+        assert result.exit_code == 0, result.output
+        llm = _llama_cpp(tmp_path / "p6.gguf")
+        assert (_llama_cpp_logits(llm, ids) - expected).abs().max().item() > 3 * REAL_TOLERANCE
+        llm.close()
 
 
 def test_qwen_pre_tokenizer_is_named_for_llama_cpp():
