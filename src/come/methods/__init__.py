@@ -1,4 +1,4 @@
-"""Registry of depth-compression methods: one `MethodSpec` per method (methods/catalog.py).
+"""Registry of depth-compression methods: one `MethodSpec` (methods/spec.py) per method (methods/catalog.py).
 
 A method is a callable `run(ctx, target_layers) -> None` that edits
 `ctx.model` through the context's `merge_window` / `remove_layers` helpers
@@ -11,49 +11,19 @@ builds its flags from it, and the module with `run` is imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
 from ..errors import ComeError
-
-if TYPE_CHECKING:
-    from ..options import Option
-
-
-class MethodFn(Protocol):
-    def __call__(self, ctx, target_layers: int) -> None: ...
-
+from .spec import MethodFn, MethodSpec
 
 # What `come compress` uses unless told otherwise; how it compares with the other methods is in
 # bench/results/README.md.
 DEFAULT_METHOD = "come-search"
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    description: str
-    entry: str  # "module:function" in this package, e.g. "laco:run"
-    # Methods that run in layer-wise mode only touch layers through ctx.layers / ctx.cache a few at a time;
-    # for the others, what they would need in memory.
-    layerwise: bool = False
-    needs: str = "the whole model in memory"
-    # Option values the method uses unless the user gives them (e.g. come-search refits by default).
-    defaults: Mapping = field(default_factory=dict)
-    options: tuple[Option, ...] = ()  # the method's own options (the shared ones: options.SHARED)
-
-    def load(self) -> MethodFn:
-        module, _, function = self.entry.partition(":")
-        return getattr(importlib.import_module(f"{__name__}.{module}"), function)
-
-
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def _checked(spec: MethodSpec) -> MethodSpec:
-    from ..options import SHARED_NAMES
+    from ..option_defs import SHARED_NAMES
 
     own = {o.name for o in spec.options}
     unknown = set(spec.defaults) - SHARED_NAMES - own

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..options import Option
-from . import MethodSpec
+from ..option_defs import Option
+from .spec import MethodSpec
 
 BUILTIN: tuple[MethodSpec, ...] = (
     MethodSpec(
