@@ -49,9 +49,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from come.data import eval_tokens
-    from come.models import load_model
-    from come.perplexity import perplexity
+    from come.engine.models import load_model
+    from come.evaluation.data import eval_tokens
+    from come.evaluation.perplexity import perplexity
 
     dense = load_model(None)  # converts and caches the GGUF once, outside the timed runs
     tokens = eval_tokens(dense.tokenizer, "wikipedia", max_tokens=args.ppl_tokens)

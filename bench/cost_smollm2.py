@@ -29,10 +29,10 @@ RUNS = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search
 
 def worker(name: str, ratio: float) -> dict:
     import come
-    from come.data import calibration_tokens
+    from come.engine.models import load_model
+    from come.engine.options import resolve_options
+    from come.evaluation.data import calibration_tokens
     from come.methods import DEFAULT_METHOD, method_defaults
-    from come.models import load_model
-    from come.options import resolve_options
 
     start, cpu = time.perf_counter(), time.process_time()
     loaded = load_model(None)

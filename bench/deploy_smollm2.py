@@ -77,8 +77,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(HERE / "results" / "deploy_smollm2"))
     args = parser.parse_args()
 
-    from come.gguf_export import export_gguf
-    from come.models import load_model
+    from come.artifacts.gguf_export import export_gguf
+    from come.engine.models import load_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -37,9 +37,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from come.distill import distill
-    from come.evaluate import evaluate
-    from come.pipeline import compress
-    from come.tasks import PAPER_TASKS
+    from come.engine.pipeline import compress
+    from come.evaluation.evaluate import evaluate
+    from come.evaluation.tasks import PAPER_TASKS
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="come-distill-"))
 

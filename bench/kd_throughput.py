@@ -29,9 +29,9 @@ def step(teacher, student, ids, params, autocast: bool) -> None:
 
 
 def main() -> None:
-    from come.adapters import adapter_for
-    from come.evaluate import reference_source
-    from come.models import load_model
+    from come.core.adapters import adapter_for
+    from come.engine.models import load_model
+    from come.evaluation.evaluate import reference_source
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compressed", type=Path)

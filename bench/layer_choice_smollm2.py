@@ -45,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from come import compress
-    from come.data import calibration_tokens
-    from come.models import load_model
+    from come.engine.models import load_model
+    from come.evaluation.data import calibration_tokens
 
     rows, tokens = [], None
     for text in args.sets:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from come.bench import cell_name, paired_difference
+from come.cli.bench import cell_name, paired_difference
 
 
 def per_doc(folder: Path, label: str, ratio: float) -> dict[str, list[float]]:

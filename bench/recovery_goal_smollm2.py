@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from come.evaluate import CHANCE, skill_above_chance  # one definition of chance and of the counted tasks
+from come.evaluation.evaluate import CHANCE, skill_above_chance  # one definition of chance and of the counted tasks
 
 
 def _eval(model: Path, tasks: bool, args, ppl: bool = True) -> dict:
-    from come.evaluate import evaluate
-    from come.tasks import PAPER_TASKS
+    from come.evaluation.evaluate import evaluate
+    from come.evaluation.tasks import PAPER_TASKS
 
     return evaluate(str(model), ppl_sources=["wikipedia", "lambada"] if ppl else [], tasks=list(PAPER_TASKS) if tasks else [],
                     limit=args.limit, max_tokens=args.ppl_tokens, seed=0, progress=not args.quiet, reference="plan" if ppl else None,
@@ -32,7 +32,7 @@ def _eval(model: Path, tasks: bool, args, ppl: bool = True) -> dict:
 
 
 def main() -> None:
-    from come.bench import paired_difference
+    from come.cli.bench import paired_difference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("compressed", type=Path)

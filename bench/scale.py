@@ -53,7 +53,7 @@ def write_checkpoint(folder: Path, args) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig
 
-    from come.models import default_gguf_path
+    from come.engine.models import default_gguf_path
 
     spec = spec_of(args)
     marker = folder / "bench_spec.json"

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from come.cli import app
+from come.engine.pipeline import compress
 from come.errors import OutputExists
-from come.pipeline import compress
 from come.testing import tiny_model, tiny_tokens
 from tests.helpers import assert_error_line, char_tokenizer, compress_cli, copy_folder, runner
 
@@ -30,7 +30,7 @@ def test_output_may_not_touch_the_source(tiny_dir, tmp_path, where):
 
 
 def test_python_api_protects_the_folder_a_loaded_model_came_from(tiny_dir, tmp_path):
-    from come.models import load_model
+    from come.engine.models import load_model
 
     src = copy_folder(tiny_dir, tmp_path / "src")
     loaded = load_model(str(src))
@@ -42,9 +42,9 @@ def test_python_api_protects_the_folder_a_loaded_model_came_from(tiny_dir, tmp_p
 
 def test_read_only_output_location_fails_before_any_work(tiny_dir, tmp_path, monkeypatch, read_only):
     calls = []
-    import come.execution
+    import come.engine.execution
 
-    monkeypatch.setattr(come.execution, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
+    monkeypatch.setattr(come.engine.execution, "load_model", lambda *a, **k: calls.append(1))  # must not be reached
     with read_only(tmp_path / "ro") as ro:
         assert_error_line(compress_cli(tiny_dir, "--target-layers", "4", "--out", ro / "out"), "not writable")
         assert_error_line(runner.invoke(app, ["bench", str(tiny_dir), "--out", str(ro / "bench"), "--tasks", "none"]),
@@ -102,11 +102,11 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tiny_dir, tmp_path):
 
 
 def test_output_may_not_overwrite_a_cached_builtin_model(tmp_path, monkeypatch):
-    import come.models
-    from come.pipeline import source_paths
+    import come.engine.models
+    from come.engine.pipeline import source_paths
 
     monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(come.models, "_CACHE_CHOICE", {})
+    monkeypatch.setattr(come.engine.models, "_CACHE_CHOICE", {})
     cached = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     cached.mkdir(parents=True)
     assert source_paths(None) == [cached] and source_paths("smollm2-135m") == [cached]
@@ -115,10 +115,10 @@ def test_output_may_not_overwrite_a_cached_builtin_model(tmp_path, monkeypatch):
 
 
 def test_eval_checks_every_file_it_writes_before_evaluating(tiny_dir, tmp_path, monkeypatch, read_only):
-    import come.evaluate
+    import come.evaluation.evaluate
 
     calls = []
-    monkeypatch.setattr(come.evaluate, "evaluate", lambda *a, **k: calls.append(1))  # must not be reached
+    monkeypatch.setattr(come.evaluation.evaluate, "evaluate", lambda *a, **k: calls.append(1))  # must not be reached
     args = ["eval", "--ppl", "wikipedia", "--tasks", "none", "-q"]
     with read_only(tmp_path / "ro") as ro:
         assert_error_line(runner.invoke(app, [*args, str(tiny_dir), "--json", str(ro / "r.json")]), "not writable")
@@ -151,16 +151,16 @@ def test_weights_are_saved_in_the_source_dtype(tmp_path, source_dtype, request_d
 
 
 def test_a_gguf_source_is_saved_as_bfloat16(tmp_path, monkeypatch):
-    import come.models
+    import come.engine.models
     monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(come.models, "_CACHE_CHOICE", {})
+    monkeypatch.setattr(come.engine.models, "_CACHE_CHOICE", {})
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"stand-in")
 
     def fake_from_gguf(path, dtype):
         return tiny_model("llama"), char_tokenizer()
 
-    monkeypatch.setattr(come.models, "_from_gguf", fake_from_gguf)
+    monkeypatch.setattr(come.engine.models, "_from_gguf", fake_from_gguf)
     result = compress(str(gguf), target_layers=4, method="shortgpt", tokens=tiny_tokens(), progress=False,
                       out=tmp_path / "out")
     assert result.plan["save_dtype"] == {"dtype": "bfloat16", "why": "the source is a quantised GGUF"}

@@ -37,11 +37,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from come.adapters import ADAPTERS, adapter_for
+from come.core.adapters import ADAPTERS, adapter_for
+from come.engine.models import LoadedModel
+from come.engine.pipeline import CompressionContext, compress
 from come.errors import ComeError
 from come.methods import available_methods, layerwise_methods
-from come.models import LoadedModel
-from come.pipeline import CompressionContext, compress
 from come.testing import FAMILIES, tiny_model, tiny_tokens
 
 FIXTURE = Path(__file__).parent / "fixtures" / "method_plans.json"

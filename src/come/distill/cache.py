@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import adapter_for
+from ..core.adapters import adapter_for
+from ..core.scoring import capture_boundaries, capture_layer_inputs, layer_output
+from ..engine.models import DTYPES
 from ..errors import NonFiniteActivations
-from ..models import DTYPES
 from ..outputs import atomic_folder, write_json_atomic
-from ..scoring import capture_boundaries, capture_layer_inputs, layer_output
 from .common import _span
 from .options import DistillOptions
 

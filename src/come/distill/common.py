@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import adapter_for
-from ..models import load_model, resolve_device
+from ..core.adapters import adapter_for
+from ..engine.models import load_model, resolve_device
 from ..outputs import atomic_file
 from .options import METRICS_FILE, DistillInterrupted, DistillOptions, NonFiniteLoss
 

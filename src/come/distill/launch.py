@@ -9,9 +9,9 @@ import socket
 import torch
 import torch.distributed as dist
 
-from .. import data as data_mod
+from ..engine.models import resolve_device
 from ..errors import ComeError, ModelLoadError, NonFiniteActivations
-from ..models import resolve_device
+from ..evaluation import data as data_mod
 from ..outputs import write_json_atomic
 from .common import _Job
 from .options import DistillError, DistillInterrupted, NonFiniteLoss

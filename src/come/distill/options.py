@@ -91,7 +91,7 @@ _RUN_CONTROL = ("workers", "save_every", "progress")
 
 
 def _check_options(o: DistillOptions) -> None:
-    from ..models import DTYPES
+    from ..engine.models import DTYPES
 
     choices = {"loss": LOSSES, "layers": SELECTIONS + ("none",), "train": TRAIN_CHOICES, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():

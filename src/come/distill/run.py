@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import data as data_mod
-from ..adapters import adapter_for
+from ..artifacts.plan import PLAN_FILE, versions
+from ..artifacts.publish import save_compressed
+from ..core.adapters import adapter_for
+from ..engine.models import load_model
 from ..errors import OutputExists
-from ..models import load_model
+from ..evaluation import data as data_mod
 from ..outputs import check_not_source, prepare_output, publish_folder, write_json_atomic
-from ..plan import PLAN_FILE, versions
-from ..publish import save_compressed
 from .cache import _build_cache
 from .common import _apply_trained, _is_merged, _Job, _layer_file, _rank_device, _seed, _span
 from .launch import _backend, _run_stage
@@ -179,7 +179,7 @@ def _write_metrics(work: Path, dest: Path) -> None:
 
 def _publish(student, tokenizer, plan: dict, work: Path, out: Path) -> Path:
     """Write the result in the work folder, then swap it into `out` with renames."""
-    from ..models import parse_dtype
+    from ..engine.models import parse_dtype
 
     saved_as = (plan.get("save_dtype") or {}).get("dtype")  # the compressed model's dtype, kept
     staged = save_compressed(student, tokenizer, plan, work / "final", overwrite=True,

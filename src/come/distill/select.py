@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..fidelity import fidelity
+from ..evaluation.fidelity import fidelity
 from ..outputs import write_json_atomic
 from .common import _log
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..adapters import adapter_for
+from ..core.adapters import adapter_for
+from ..core.scoring import capture_layer_inputs, layer_output
 from ..outputs import atomic_file, write_json_atomic
-from ..scoring import capture_layer_inputs, layer_output
 from .cache import _read_chunk
 from .common import (
     _epoch_order,

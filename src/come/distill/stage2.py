@@ -9,9 +9,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import adapter_for
+from ..core.adapters import adapter_for
+from ..core.scoring import layer_output
 from ..outputs import write_json_atomic
-from ..scoring import layer_output
 from .common import (
     _apply_trained,
     _epoch_order,

@@ -23,7 +23,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def _checked(spec: MethodSpec) -> MethodSpec:
-    from ..option_defs import SHARED_NAMES
+    from ..core.option_defs import SHARED_NAMES
 
     own = {o.name for o in spec.options}
     unknown = set(spec.defaults) - SHARED_NAMES - own

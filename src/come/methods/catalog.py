@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..option_defs import Option
+from ..core.option_defs import Option
 from .spec import MethodSpec
 
 BUILTIN: tuple[MethodSpec, ...] = (

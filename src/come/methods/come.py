@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from ..core.merging import Selection, calibrate_output_norms, largest_remainder, merge_layers, top_channels
 from ..errors import MergeError
-from ..merging import Selection, calibrate_output_norms, largest_remainder, merge_layers, top_channels
 
 
 def choose_window(ctx, size: int):

@@ -25,9 +25,9 @@ import copy
 
 import torch
 
+from ..core.refit import RidgeStats, ridge_solve
+from ..core.scoring import layer_output
 from ..errors import ComeError
-from ..refit import RidgeStats, ridge_solve
-from ..scoring import layer_output
 
 COSINE_LR, COSINE_BATCH = 1e-4, 1024
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..option_defs import Option
+    from ..core.option_defs import Option
 
 
 class MethodFn(Protocol):

@@ -1,0 +1,327 @@
+"""Closed-form output refit: make a layer reproduce the original model over the span it stands for.
+
+After a merge or a deletion, one current layer k stands for original layers
+a..b. Its input is the *current* model's hidden state h_k (earlier layers may
+already be compressed), and what it should produce is the *original* model's
+hidden state leaving layer b. For a Llama-style layer
+
+    out = r + z W^T        r: the residual after attention, z: the FFN's inner activations,
+                           W: down_proj (d_hidden x d_ffn)
+
+so with r and z fixed, choosing W is linear least squares with target
+Y = teacher - r. We solve the ridge problem that pulls W toward its current
+value W0 (a large damping leaves the layer unchanged):
+
+    min_W ||z W^T - Y||^2 + lam ||W - W0||^2   =>   (Z^T Z + lam I) W^T = Z^T Y + lam W0^T
+
+Z^T Z (d_ffn^2) and Z^T Y (d_ffn x d_hidden) are accumulated over calibration
+batches in float64 sums, so memory never depends on the token count. The damping is
+chosen per layer on held-out calibration sequences (every `HOLDOUT_EVERY`-th
+one) from a grid scaled to the mean diagonal of Z^T Z, then the system is
+solved again on every sequence; the fit error of any W follows from the same
+statistics, so the grid costs a few solves and no extra layer pass. A refit
+that does not lower the held-out error leaves the layer as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Self
+
+import torch
+from torch import nn
+
+from ..errors import ComeError
+from .scoring import layer_output
+
+# Damping grid, relative to the mean diagonal of Z^T Z; "auto" picks from it on held-out sequences.
+DAMPING_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+HOLDOUT_EVERY = 4  # sequence i is held out when i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+@dataclass
+class RidgeStats:
+    """Sufficient statistics of a least-squares problem y ~ x W^T, accumulated in float64."""
+
+    xtx: torch.Tensor
+    xty: torch.Tensor
+    yty: float = 0.0  # sum ||y||^2
+    tty: float = 0.0  # sum ||teacher||^2, to report errors relative to the target's size
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, d_in: int, d_out: int, device="cpu") -> RidgeStats:
+        return cls(torch.zeros(d_in, d_in, dtype=torch.float64, device=device),
+                   torch.zeros(d_in, d_out, dtype=torch.float64, device=device))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
+        """Add rows x -> y. Each batch's products are formed in float32 at least (float64 inputs stay
+        float64) and added to the float64 sums: a batch of a few thousand rows loses ~1e-6 relative,
+        far below any damping used, at half the cost of float64 products on CPUs."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, dtype)
+        y = y.reshape(-1, y.shape[-1]).to(self.xtx.device, dtype)
+        self.xtx += _gram(x).double()
+        self.xty += (x.T @ y).double()
+        self.yty += float(y.double().pow(2).sum())
+        if teacher is not None:
+            self.tty += float(teacher.double().pow(2).sum())
+        self.rows += x.shape[0]
+
+    def __iadd__(self, other: RidgeStats) -> Self:
+        self.xtx += other.xtx
+        self.xty += other.xty
+        self.yty += other.yty
+        self.tty += other.tty
+        self.rows += other.rows
+        return self
+
+    def error(self, w: torch.Tensor) -> float:
+        """sum ||x W^T - y||^2 over the accumulated rows, from the statistics alone."""
+        wt = w.to(self.xtx.device, torch.float64).T  # d_in x d_out
+        return float((wt * (self.xtx @ wt)).sum() - 2 * (wt * self.xty).sum() + self.yty)
+
+    def relative_error(self, w: torch.Tensor) -> float:
+        """Squared error relative to the squared norm of the teacher states."""
+        return self.error(w) / max(self.tty, 1e-30)
+
+
+def _gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """x^T x from its blocks on and right of the diagonal, mirrored: a wide FFN's Gram matrix in about
+    half the products of one matmul. Each entry is the same dot product over the rows as in x.T @ x."""
+    n = x.shape[1]
+    count = min(8, n // block)
+    if count < 2:
+        return x.T @ x
+    edges = [round(i * n / count) for i in range(count + 1)]
+    out = x.new_empty(n, n)
+    for a, b in pairwise(edges):
+        strip = x[:, a:b].T @ x[:, a:]  # rows a..b-1, columns a..n-1
+        out[a:b, a:] = strip
+        out[b:, a:b] = strip[:, b - a :].T
+    return out
+
+
+def ridge_solve(stats: RidgeStats, damping: float, w0: torch.Tensor | None = None) -> torch.Tensor:
+    """W (d_out x d_in) minimising ||x W^T - y||^2 + lam ||W - W0||^2, lam = damping * mean diag(X^T X)."""
+    lam = float(damping) * _scale(stats)
+    b = stats.xty.clone()
+    if w0 is not None and lam > 0:
+        b += lam * w0.to(b.device, torch.float64).T
+    return _solve_shifted(stats.xtx, lam, b).T.contiguous()
+
+
+def _solve_shifted(xtx: torch.Tensor, lam: float, b: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """(X^T X + lam I)^-1 b by Cholesky; a system singular without damping gets the minimum-norm solution.
+    `work` (the shape of xtx), if given, is overwritten instead of allocating a d_in^2 copy per call."""
+    a = xtx.clone() if work is None else work.copy_(xtx)
+    a.diagonal().add_(lam)  # the same values as xtx + lam * I, without a d_in^2 identity
+    try:
+        return torch.cholesky_solve(b, torch.linalg.cholesky(a))
+    except RuntimeError:
+        return torch.linalg.lstsq(a, b).solution
+
+
+def _scale(stats: RidgeStats) -> float:
+    return float(stats.xtx.diagonal().mean().clamp_min(1e-12))
+
+
+def ridge_path(stats: RidgeStats, dampings, w0: torch.Tensor) -> dict:
+    """{damping: W} for several dampings from one eigendecomposition of X^T X (one solve each costs a matmul)."""
+    evals, q = torch.linalg.eigh(stats.xtx)
+    w0t = w0.to(q.device, torch.float64).T
+    qtb, qtw = q.T @ stats.xty, q.T @ w0t
+    scale = _scale(stats)
+    out = {}
+    for d in dampings:
+        lam = float(d) * scale
+        out[d] = (q @ ((qtb + lam * qtw) / (evals.clamp_min(0) + lam)[:, None])).T.contiguous()
+    return out
+
+
+def _error_with(stats: RidgeStats, wt: torch.Tensor, xtx_wt: torch.Tensor) -> float:
+    """`stats.error` of W = wt^T, given the product X^T X wt."""
+    return float((wt * xtx_wt).sum() - 2 * (wt * stats.xty).sum() + stats.yty)
+
+
+def held_out_path(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, dampings) -> dict:
+    """{damping: held-out error of the solution fitted on `fit`}, without forming any solution.
+
+    The solution is W0 + D with (X^T X + lam I) D^T = X^T Y - X^T X W0^T, so its held-out error is
+    error(W0) + 2 <D^T, H W0^T - C> + <D^T, H D^T> (H, C: the held-out X^T X, X^T Y): one Cholesky
+    solve and one product per damping. `ridge_path` serves every damping from one eigendecomposition
+    instead, but a float64 eigh of a wide FFN's Z^T Z costs more than all the grid's factorisations,
+    and forming each W costs another product.
+    """
+    w0t = w0.to(fit.xtx.device, torch.float64).T
+    held_w0 = held_out.xtx @ w0t
+    return _held_out_path(fit, held_out, w0t, fit.xtx @ w0t, held_w0, _error_with(held_out, w0t, held_w0), dampings)
+
+
+def _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, dampings) -> dict:
+    r, g = fit.xty - fit_w0, held_w0 - held_out.xty
+    scale, work = _scale(fit), torch.empty_like(fit.xtx)
+    out = {}
+    for d in dampings:
+        delta = _solve_shifted(fit.xtx, float(d) * scale, r, work)
+        out[d] = held_error0 + float(2 * (delta * g).sum() + (delta * (held_out.xtx @ delta)).sum())
+    return out
+
+
+@dataclass
+class RefitResult:
+    weight: torch.Tensor  # the chosen down_proj weight (float64)
+    record: dict = field(default_factory=dict)
+
+
+FALLBACK_DAMPING = 0.1  # "auto" with no held-out sequence (fewer than HOLDOUT_EVERY calibration sequences)
+
+
+def choose_and_solve(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, damping) -> RefitResult:
+    """Solve with `damping` (a number) or, for "auto", the grid value with the lowest held-out error.
+
+    The held-out error of a damping is that of the solution fitted without the held-out rows; the
+    weight returned is then solved on every row. With "auto", a refit whose best held-out error is
+    no lower than the unchanged layer's is not applied.
+    """
+    total = RidgeStats(fit.xtx.clone(), fit.xty.clone(), fit.yty, fit.tty, fit.rows)
+    total += held_out
+    has_held = held_out.rows > 0 and fit.rows > 0
+    # X^T X W0^T of both parts, formed once: the errors of W0 and the grid's right-hand side use them.
+    w0t = w0.to(fit.xtx.device, torch.float64).T
+    fit_w0, held_w0 = fit.xtx @ w0t, held_out.xtx @ w0t
+    held_error0 = _error_with(held_out, w0t, held_w0)
+    before = {"calibration": (_error_with(fit, w0t, fit_w0) + held_error0) / max(total.tty, 1e-30)}
+    if has_held:
+        before["held_out"] = held_error0 / max(held_out.tty, 1e-30)
+    record: dict = {"target": "down_proj", "rows": total.rows, "held_out_rows": held_out.rows, "error_before": before}
+    after: dict = {}
+    if damping == "auto" and not has_held:
+        damping_value = FALLBACK_DAMPING
+        record["note"] = f"no held-out sequence: damping {FALLBACK_DAMPING} used"
+    elif damping == "auto":
+        scores = _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, DAMPING_GRID)
+        damping_value = min(DAMPING_GRID, key=lambda d: (scores[d], -d))  # ties: the stronger damping
+        record["held_out_errors"] = {f"{d:g}": scores[d] / max(held_out.tty, 1e-30) for d in DAMPING_GRID}
+        after["held_out"] = scores[damping_value] / max(held_out.tty, 1e-30)
+        if scores[damping_value] >= held_error0:  # the refit would not generalise: keep the layer
+            record.update(damping=None, applied=False, error_after=before)
+            return RefitResult(w0.double(), record)
+    else:
+        damping_value = float(damping)
+        if has_held:
+            after["held_out"] = held_out.relative_error(ridge_solve(fit, damping_value, w0))
+    weight = ridge_solve(total, damping_value, w0)
+    after = {"calibration": total.relative_error(weight), **after}
+    record.update(damping=damping_value, applied=True, error_after=after)
+    return RefitResult(weight, record)
+
+
+def parse_damping(value) -> str | float:
+    if value in (None, "auto"):
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ComeError(f"refit damping must be 'auto' or a number >= 0, got {value!r}") from None
+    if not number >= 0:
+        raise ComeError(f"refit damping must be 'auto' or a number >= 0, got {value!r}")
+    return number
+
+
+@torch.no_grad()
+def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int, adapter):
+    """(fit, held-out) statistics of `layer` run on boundary h_k, with the teacher's boundary `target_index`.
+
+    Boundary h_k must be current (the caller guarantees layers before k are final). When the FFN
+    output passes a norm before the residual add (Gemma), out = r + g * m / rms(m) is not linear in W;
+    the statistics then linearise it with each token's rms(m) held at its current value.
+    """
+    down = adapter.down_proj(layer)
+    added = adapter.ffn_output(layer)  # the module whose output the FFN adds to the residual
+    normed = added is not down
+    captured: dict = {}
+    handles = [down.register_forward_hook(lambda mod, args, out: captured.update(z=args[0], m=out)),
+               added.register_forward_hook(lambda mod, args, out: captured.update(added=out))]
+    d_in, d_out = down.weight.shape[1], down.weight.shape[0]
+    fit = RidgeStats.zeros(d_in, d_out, cache.device)
+    held = RidgeStats.zeros(d_in, d_out, cache.device)
+    teacher = cache.teacher_boundary(target_index)
+    if normed:
+        # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its target is its
+        # current value, so its row of W stays W0 instead of dividing by 0.
+        gain = adapter.norm_offset + added.weight.float()
+        dead = gain.abs() <= 1e-6 * gain.abs().max()
+        safe_gain = torch.where(dead, torch.ones_like(gain), gain)
+    inputs = cache.boundary(k)
+    try:
+        for b0, b1 in cache.batches():
+            x = inputs[b0:b1].to(cache.device, cache.compute_dtype)
+            out = layer(x, **kwargs)
+            out = layer_output(out)
+            cache.count_passes(b1 - b0)
+            t = teacher[b0:b1].to(cache.device, torch.float32)
+            residual = out.float() - captured["added"].float()  # r: everything but the FFN's contribution
+            y = t - residual
+            if normed:  # g * (z W^T) / rho = y  <=>  z W^T = y * rho / g, rho frozen
+                m = captured["m"].float()
+                rho = m.pow(2).mean(-1, keepdim=True).add(added.eps).sqrt()
+                y = torch.where(dead, m, y * rho / safe_gain)
+            elif down.bias is not None:
+                y = y - down.bias.float()
+            z = captured["z"]
+            held_rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+            fit_rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+            for stats, rows in ((fit, fit_rows), (held, held_rows)):
+                if rows:
+                    stats.add(z[rows], y[rows], t[rows])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fit, held
+
+
+@torch.no_grad()
+def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int) -> float:
+    """Relative error of `layer`'s real output against the teacher on the held-out sequences."""
+    teacher, inputs, num, den = cache.teacher_boundary(target_index), cache.boundary(k), 0.0, 0.0
+    for b0, b1 in cache.batches():
+        rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+        if not rows:
+            continue
+        x = inputs[b0:b1][rows].to(cache.device, cache.compute_dtype)
+        out = layer(x, **kwargs)
+        out = layer_output(out).double()
+        t = teacher[b0:b1][rows].to(out.device, torch.float64)
+        num += float((out - t).pow(2).sum())
+        den += float(t.pow(2).sum())
+        cache.count_passes(len(rows))
+    return num / max(den, 1e-30)
+
+
+def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int, adapter, damping) -> tuple[nn.Module, dict]:
+    """A copy of `layer` (standing at position k) whose down_proj is refitted to the teacher's boundary
+    `target_index`; the record holds the chosen damping and the relative fit errors before and after."""
+    fit, held = collect_stats(cache, k, layer, kwargs, target_index, adapter)
+    down = adapter.down_proj(layer)
+    if not all(torch.isfinite(t).all() for t in (fit.xtx, fit.xty, held.xtx, held.xty)):
+        # The layer's own output overflows on these inputs: nothing to fit, keep it as it is.
+        return layer, {"target": "down_proj", "applied": False, "note": "non-finite activations: not refitted",
+                       "error_before": {"calibration": float("nan")}, "error_after": {"calibration": float("nan")}}
+    result = choose_and_solve(fit, held, down.weight.detach(), parse_damping(damping))
+    new_layer = copy.deepcopy(layer)
+    new_down = adapter.down_proj(new_layer)
+    new_down.weight.data = result.weight.to(down.weight.device, down.weight.dtype)
+    record = result.record
+    if adapter.ffn_output(layer) is not down and record["applied"] and held.rows:
+        # The fit was linearised around the current rms: keep it only if the real output is closer.
+        real = (held_out_span_error(cache, k, layer, kwargs, target_index),
+                held_out_span_error(cache, k, new_layer, kwargs, target_index))
+        record["linearised"] = True
+        record["held_out_real_error"] = list(real)
+        if real[1] >= real[0]:
+            record["applied"] = False
+            return layer, record
+    return new_layer, record

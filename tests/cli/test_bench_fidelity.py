@@ -1,0 +1,68 @@
+"""KL to the dense model and skill above chance in `come bench` and `come eval`."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from come.cli import app
+from come.cli.bench import add_skill
+from come.evaluation.evaluate import CHANCE, skill_above_chance
+
+runner = CliRunner()
+
+
+def test_skill_above_chance_counts_only_tasks_where_the_reference_is_clearly_above_chance():
+    reference = {"arc_easy": (0.55, 0.03), "piqa": (0.65, 0.03), "boolq": (0.41, 0.03), "arc_challenge": (0.27, 0.026)}
+    out = skill_above_chance({"arc_easy": 0.40, "piqa": 0.60, "boolq": 0.62, "arc_challenge": 0.20}, reference)
+    assert out["tasks"]["arc_easy"] == {"chance": 0.25, "skill": pytest.approx(0.15), "reference_skill": pytest.approx(0.30)}
+    # boolq below chance and arc_challenge within two stderrs of it are not counted, whatever the model scores there
+    assert out["counted"] == ["arc_easy", "piqa"]
+    assert out["skill_kept"] == pytest.approx((0.15 + 0.10) / (0.30 + 0.15))
+    assert skill_above_chance({"piqa": 0.5})["tasks"]["piqa"]["skill"] == 0.0 and "skill_kept" not in skill_above_chance({"piqa": 0.5})
+    assert skill_above_chance({"piqa": 0.6}, {"piqa": (0.5, 0.01)})["skill_kept"] is None  # nothing to keep
+
+
+def test_bench_rows_get_skill_kept_from_the_dense_row():
+    dense = {"method": "dense", **{t: CHANCE[t] + 0.2 for t in CHANCE}, **{f"{t}_stderr": 0.02 for t in CHANCE}}
+    half = {"method": "x", **{t: CHANCE[t] + 0.1 for t in CHANCE}}
+    rows = [dense, half, {"method": "y", "error": "failed"}]
+    add_skill(rows)
+    assert half["skill_kept"] == pytest.approx(0.5) and "skill_kept" not in dense and "skill_kept" not in rows[2]
+
+
+def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path):
+    out = tmp_path / "bench"
+    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come", "--ratios", "0.01", "--ppl", "wikipedia",
+            "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cell_file = out / "cells" / "come-r0.01.json"
+    cell = json.loads(cell_file.read_text())
+    kl, top1 = cell["row"]["kl_wikipedia"], cell["row"]["top1_wikipedia"]
+    assert kl > 0 and 0 <= top1 <= 1 and cell["evaluation"]["fidelity"]["wikipedia"]["kl"] == kl
+    assert "kl_wikipedia" not in json.loads((out / "cells" / "dense.json").read_text())["row"]
+    header = (out / "results.md").read_text().split("| method |")[1].split("\n")[0]
+    assert header.index("ppl_wikipedia") < header.index("kl_wikipedia") < header.index("top1_wikipedia")
+    assert "lowest wikipedia KL to dense: **come**" in (out / "results.md").read_text()
+
+    # A cell scored before KL existed: same settings, no fidelity. Plain runs leave it alone...
+    old = json.loads(cell_file.read_text())
+    del old["evaluation"]["fidelity"], old["row"]["kl_wikipedia"], old["row"]["top1_wikipedia"]
+    cell_file.write_text(json.dumps(old))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("skipped") == 2
+    assert "kl_wikipedia" not in json.loads(cell_file.read_text())["row"]
+    # ...--fill-kl rebuilds its model and adds the same KL, the rest of the cell untouched.
+    filled = runner.invoke(app, [*args, "--fill-kl"])
+    assert filled.exit_code == 0, filled.output
+    cell = json.loads(cell_file.read_text())
+    assert cell["row"]["kl_wikipedia"] == pytest.approx(kl, rel=1e-5) and cell["row"]["top1_wikipedia"] == pytest.approx(top1)
+    assert {k: v for k, v in cell["row"].items() if not k.startswith(("kl_", "top1_"))} == old["row"]
+
+    # A cell whose recorded plan is not what its settings make is refused, not filled with another model's KL.
+    del cell["evaluation"]["fidelity"]
+    cell["plan_layers"][0]["covers"] = [99]
+    cell_file.write_text(json.dumps(cell))
+    bad = runner.invoke(app, [*args, "--fill-kl"])
+    assert bad.exit_code == 2 and "plan differs from the recorded one" in bad.output

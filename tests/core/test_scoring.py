@@ -1,0 +1,97 @@
+"""Scores computed from the boundary cache agree with direct computations."""
+
+import math
+
+import pytest
+import torch
+
+from come.core.adapters import adapter_for
+from come.core.scoring import BoundaryCache
+from come.errors import NonFiniteActivations
+from come.testing import tiny_model, tiny_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@torch.no_grad()
+def test_cache_matches_model_hidden_states(family):
+    model = tiny_model(family)
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False)
+    hidden = model(tokens, output_hidden_states=True).hidden_states
+    for l in range(model.config.num_hidden_layers):  # the model's last entry is after the final norm
+        torch.testing.assert_close(cache.h[l], hidden[l], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_scores_match_definitions():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    adapter = adapter_for(model.config)
+    cache = BoundaryCache(model, adapter, tokens, progress=False)
+    h = cache.h
+    bi = cache.block_influence()
+    cos = torch.nn.functional.cosine_similarity(h[3], h[4], dim=-1)
+    assert bi[3].item() == pytest.approx((1 - cos.clamp(0, 1)).mean().item(), rel=1e-5)
+    sbi = cache.window_distance(2)
+    cos = torch.nn.functional.cosine_similarity(h[1][:, -1], h[3][:, -1], dim=-1).clamp(-1, 1)
+    assert sbi[1].item() == pytest.approx((torch.arccos(cos) / math.pi).mean().item(), rel=1e-5)
+    assert len(cache.window_distance(3, all_tokens=True)) == model.config.num_hidden_layers - 2
+
+    # Channel sensitivity of layer 2 against a hand computation.
+    layer = adapter.layers(model)[2]
+    seen = {}
+    hook_o = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0]))
+    hook_d = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("d", a[0]))
+    layer(h[2], **cache.layer_kwargs[2])
+    hook_o.remove(), hook_d.remove()
+    attn, ffn = cache.channel_sensitivity(2)
+    ffn_ref = seen["d"].abs().mean((0, 1)) * layer.mlp.down_proj.weight.abs().sum(0)
+    torch.testing.assert_close(ffn.float(), ffn_ref, rtol=1e-4, atol=1e-7)
+    o_ref = seen["o"].abs().mean((0, 1)) * layer.self_attn.o_proj.weight.abs().sum(0)
+    width = model.config.head_dim * 2  # 4 query heads over 2 KV groups
+    torch.testing.assert_close(attn.float(), o_ref.reshape(2, width).mean(1), rtol=1e-4, atol=1e-7)
+
+
+@torch.no_grad()
+def test_non_finite_activation_names_the_layer():
+    model = tiny_model("llama")
+    adapter_for(model.config).layers(model)[4].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivations, match="layer 4"):
+        BoundaryCache(model, adapter_for(model.config), tiny_tokens(), progress=False)
+
+
+@torch.no_grad()
+def test_loss_through_current_stack_is_the_model_loss():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False)
+    expected = model(tokens, labels=tokens).loss.item()
+    for start in (0, 3):
+        assert cache.loss_through(start, cache.current_stack(start)) == pytest.approx(expected, rel=1e-5)
+    # Skipping a layer changes it.
+    assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-5)
+    # A subset of samples is the loss on those samples.
+    sub = model(tokens[:4], labels=tokens[:4]).loss.item()
+    assert cache.loss_through(0, cache.current_stack(0), samples=4) == pytest.approx(sub, rel=1e-5)
+
+
+@torch.no_grad()
+def test_kl_loss_is_the_divergence_from_the_original_model():
+    model = tiny_model("llama")
+    tokens = tiny_tokens()
+    cache = BoundaryCache(model, adapter_for(model.config), tokens, batch_size=3, progress=False, loss_kind="kl")
+    # The unchanged model is at divergence zero, from any position.
+    for start in (0, 3):
+        assert cache.loss_through(start, cache.current_stack(start)) == pytest.approx(0.0, abs=1e-6)
+    # Skipping layer 2: the mean over predicted positions of KL(original || skipped), computed directly.
+    original = torch.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != 2])
+    skipped = torch.log_softmax(model(tokens, use_cache=False).logits[:, :-1].float(), dim=-1)
+    model.model.layers = layers
+    expected = (original.exp() * (original - skipped)).sum(-1).mean().item()
+    assert expected > 1e-4
+    assert cache.loss_through(2, cache.current_stack(3)) == pytest.approx(expected, rel=1e-4)
+    # The cross-entropy of the same skip is a different number (the option is not ignored).
+    cache.loss_kind = "ce"
+    assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-2)
