@@ -66,4 +66,5 @@ def test_module_does_not_depend_on(low, high):
 
 def test_the_card_and_the_exports_use_the_plan_module():
     graph = import_graph()
-    assert "come.artifacts.plan" in graph["come.artifacts.card"] and "come.artifacts.plan" in graph["come.artifacts.export"]
+    plan = "come.artifacts.plan"
+    assert plan in graph["come.artifacts.card"] and plan in graph["come.artifacts.export"]

@@ -148,14 +148,16 @@ def test_dense_reference_of_a_built_in_model_is_found(tmp_path, monkeypatch, kin
     monkeypatch.setenv("COME_CACHE", str(tmp_path))
     monkeypatch.setattr(come.engine.models, "_CACHE_CHOICE", {})
     calls = []
-    monkeypatch.setattr(come.evaluation.evaluate, "evaluate", lambda source, **kw: calls.append(source) or {"layers": 30})
+    monkeypatch.setattr(come.evaluation.evaluate, "evaluate",
+                        lambda source, **kw: calls.append(source) or {"layers": 30})
     plan = {"model": {"kind": kind, "builtin": "smollm2-135m", "path": str(tmp_path / "gone")}}
     settings = {"ppl_sources": ["wikipedia"], "tasks": [], "limit": None}
     assert come.evaluation.evaluate.dense_reference(plan, settings, progress=False) == {"layers": 30}
     assert come.evaluation.evaluate.dense_reference(plan, settings, progress=False) == {"layers": 30}  # cached
     assert calls == ["smollm2-135m"]
     # A local source that is gone: no dense column, no error.
-    assert come.evaluation.evaluate.dense_reference({"model": {"kind": "local", "path": str(tmp_path / "gone")}}, settings) is None
+    gone = {"model": {"kind": "local", "path": str(tmp_path / "gone")}}
+    assert come.evaluation.evaluate.dense_reference(gone, settings) is None
 
 
 def test_every_option_is_a_flag_defined_once():

@@ -34,7 +34,7 @@ def _ints(value: str, option: str) -> list[int]:
         _fail(f"{option} takes comma-separated whole numbers, got {value!r}")
 
 
-# -- flags generated from the option definitions (options.py, methods/catalog.py, distill/options.py) --------
+# -- flags generated from the option definitions (engine/options.py, methods/catalog.py, distill/options.py) --------
 def _shown(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -204,7 +204,7 @@ def compress(
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
-    options: Optional[dict] = None,  # every compression option's flag (options.py, methods/catalog.py)
+    options: Optional[dict] = None,  # every compression option's flag (engine/options.py, methods/catalog.py)
 ) -> None:
     """Compress MODEL to fewer layers and write a standard checkpoint to --out."""
     try:

@@ -129,7 +129,7 @@ def load_definition(path: str | Path) -> dict:
           methods: [come-search]
           options: {tokens: 131072}   # `come distill` options, the same for every label
 
-    Options are checked against their definitions (options.py, methods/catalog.py, DistillOptions), as
+    Options are checked against their definitions (engine/options.py, methods/catalog.py, DistillOptions), as
     recipes and --set are."""
     import yaml
     from pydantic import BaseModel, ConfigDict, Field, ValidationError

@@ -12,7 +12,7 @@ written atomically, so it is either complete or absent).
     compress:
       method: come-search
       ratio: 0.3                 # or target_layers
-      options: {nsamples: 32}    # any compression option (options.py; `come compress --help`)
+      options: {nsamples: 32}    # any compression option (engine/options.py; `come compress --help`)
     distill:                     # optional; any `come distill` option
       tokens: 131072
       global_steps: 16
@@ -21,7 +21,7 @@ written atomically, so it is either complete or absent).
       tasks: all
       limit: 300
 
-Compression options are checked against their definitions (options.py and
+Compression options are checked against their definitions (engine/options.py and
 methods/catalog.py) and distillation options against `distill.DistillOptions`,
 the same definitions the CLI and the Python API use.
 """

@@ -1,6 +1,6 @@
 """Option, the definition of one compression option, and SHARED, the options every method reads.
 
-Apart from options.py (which gathers every method's options) so that the methods' specs can declare
+Apart from engine/options.py (which gathers every method's options) so that the methods' specs can declare
 theirs without importing it: no import circle. Imports nothing heavy.
 """
 

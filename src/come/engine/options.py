@@ -2,10 +2,10 @@
 recipes and `come bench --set`.
 
 The options every method reads (calibration, merge rules, refit, execution) are `SHARED` (defined with
-`Option` in option_defs.py, which the methods' specs import); the options of one method are part of its
+`Option` in core/option_defs.py, which the methods' specs import); the options of one method are part of its
 spec (`methods/catalog.py`), with the defaults it uses instead of the global ones. `CompressionOptions`, the record a method runs with (`ctx.options`) and that plans
 keep, has one field per option of either kind and checks every value when it is made, so bounds and
-choices are checked in one place. The CLI flags (cli.py), recipe validation (recipe.py) and the keys
+choices are checked in one place. The CLI flags (cli/__init__.py), recipe validation (cli/recipe.py) and the keys
 of `come bench --set` are generated from the same definitions. None means "not given" everywhere.
 This module imports nothing heavy, so `come --help` stays fast.
 """

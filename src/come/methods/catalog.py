@@ -1,7 +1,7 @@
 """Every built-in method's spec: what it is, where its code is, its defaults and its own options.
 
 Kept apart from the methods' code (which imports torch) so that the CLI builds its flags and help from
-these definitions without loading any model code. The options shared by every method are in options.py.
+these definitions without loading any model code. The options shared by every method are in core/option_defs.py.
 """
 
 from __future__ import annotations

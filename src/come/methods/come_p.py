@@ -25,7 +25,7 @@ def candidate_ratios(bi, start: int, size: int, r: float) -> list[float]:
 
 def search_step(ctx, start: int, size: int, bi):
     """(merged layer, merge record, step details) of the best ratio for window start..start+size-1."""
-    granularity = int(ctx.options.granularity)  # >= 1: options.py checks it
+    granularity = int(ctx.options.granularity)  # >= 1: engine/options.py checks it
     cache = ctx.cache
     prior = bi_ratios(bi, start, size)[0]
     sensitivities = {k: cache.channel_sensitivity(k) for k in range(start, start + size)}

@@ -21,7 +21,7 @@ never merged or deleted, so no budget can force them into a merge.
 
 With `refit` on (the default) each candidate is refitted before it is scored:
 the layer that stands for the changed span gets the closed-form down_proj of
-`refit.py`. A candidate's score is the calibration loss (next-token
+`core/refit.py`. A candidate's score is the calibration loss (next-token
 cross-entropy on the first `search_samples` sequences) of the model with it in
 place, run from the boundary cache at the changed position only. The lowest
 loss wins (ties: the earlier candidate in the order above), so at every step
