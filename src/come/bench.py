@@ -335,7 +335,13 @@ def run_bench(
             stamp = model_dir / BENCH_STAMP
             reuse = ((distilled or fill) and stamp.is_file()
                      and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
-            if not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
+            dropped = _deleted_layers(previous, resolved[method]) if fill else None
+            if dropped is not None and not reuse:
+                # Its plan only deletes layers: `drop` replays it in one pass instead of rerunning the search;
+                # _add_fidelity then checks that the plan and the perplexities are the recorded ones.
+                compress(model, ratio=ratio, method="drop", drop_layers=dropped, out=model_dir, overwrite=True,
+                         seed=seed, save_dtype=save_dtype, progress=progress)
+            elif not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
                 start = time.perf_counter()
                 try:
                     result = compress(model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True,
@@ -433,6 +439,17 @@ def _fidelity_columns(row: dict, evaluation: dict) -> None:
     for source, f in (evaluation.get("fidelity") or {}).items():
         row[f"kl_{source}"] = f["kl"]
         row[f"top1_{source}"] = f["top1"]
+
+
+def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
+    """The original layers a finished cell's plan deleted, when deleting them is all it did (no merge, no
+    refit): its model is then the original without those layers, whatever search chose them."""
+    layers = cell.get("plan_layers")
+    if not layers or options.get("refit") or any(layer.get("merged") or layer.get("merge") for layer in layers):
+        return None
+    original = max(max(layer["covers"]) for layer in layers) + 1
+    kept = {layer["position_of"] for layer in layers}
+    return sorted(set(range(original)) - kept)
 
 
 def _add_fidelity(cell: dict, evaluation: dict, plan: dict, name: str) -> None:
