@@ -36,3 +36,23 @@ def test_windows_and_vocabulary_checks():
         windows_of(torch.arange(3), 4)
     with pytest.raises(ComeError, match="vocabulary of 128 tokens and the model 160"):
         check_same_vocabulary(tiny_model("llama"), tiny_model("llama", vocab_size=160))
+
+
+def test_eval_with_a_reference_takes_perplexity_from_the_kl_pass(tiny_dir, monkeypatch):
+    """Full windows only: the KL pass's NLL is the perplexity (no separate pass), and equals perplexity()'s."""
+    import come.perplexity
+    from come.evaluate import evaluate
+
+    settings = {"ppl_sources": ["wikipedia"], "tasks": [], "max_tokens": 256, "seqlen": 64, "progress": False}
+    plain = evaluate(str(tiny_dir), reference=None, **settings)["perplexity"]["wikipedia"]
+    calls = []
+    real = come.perplexity.perplexity
+    monkeypatch.setattr(come.perplexity, "perplexity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = evaluate(str(tiny_dir), reference=str(tiny_dir), **settings)
+    assert calls == [] and both["fidelity"]["wikipedia"]["kl"] < 1e-6
+    ppl = both["perplexity"]["wikipedia"]
+    assert ppl["ppl"] == pytest.approx(plain["ppl"], rel=1e-5) and ppl["nll"] == pytest.approx(plain["nll"], rel=1e-5)
+    assert {k: ppl[k] for k in ("tokens", "seqlen", "windows")} == {k: plain[k] for k in ("tokens", "seqlen", "windows")}
+    # A partial last window is not in the KL windows: perplexity() then runs, as without a reference.
+    evaluate(str(tiny_dir), reference=str(tiny_dir), **{**settings, "max_tokens": 300})
+    assert calls == [1]

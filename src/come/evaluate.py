@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -143,12 +144,18 @@ def evaluate(
         result["fidelity"] = {}
     for source in ppl_sources:
         tokens = eval_tokens(tokenizer, source, max_tokens=max_tokens)
-        result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
         if ref_loaded is not None:
             from .fidelity import fidelity, windows_of
 
-            result["fidelity"][source] = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
-                                                  progress=progress, desc=f"KL to reference ({source})")
+            f = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
+                         progress=progress, desc=f"KL to reference ({source})")
+            result["fidelity"][source] = f
+            if tokens.numel() % seqlen < 2:  # no partial window: the KL pass's NLL is the perplexity, no third pass
+                predicted = f["windows"] * (seqlen - 1)
+                result["perplexity"][source] = {"ppl": math.exp(f["nll"]), "nll": f["nll"], "tokens": predicted,
+                                                "seqlen": seqlen, "windows": f["windows"]}
+        if source not in result["perplexity"]:
+            result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
     has_reference, ref_loaded = ref_loaded is not None, None  # not held while the tasks run (its cached evaluation loads it)
     if tasks:
         from .tasks import zero_shot
