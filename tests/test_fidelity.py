@@ -56,3 +56,16 @@ def test_eval_with_a_reference_takes_perplexity_from_the_kl_pass(tiny_dir, monke
     # A partial last window is not in the KL windows: perplexity() then runs, as without a reference.
     evaluate(str(tiny_dir), reference=str(tiny_dir), **{**settings, "max_tokens": 300})
     assert calls == [1]
+
+
+def test_fidelity_many_equals_fidelity_of_each_model():
+    """Several models against one reference pass: each gets exactly what it gets alone."""
+    from come.fidelity import fidelity_many
+
+    ref, a, b = (tiny_model("llama", seed=seed) for seed in range(3))
+    x = tiny_tokens(nsamples=3, seqlen=16)
+    many = fidelity_many(ref, {"a": a, "b": b}, x, batch_size=2)
+    for name, model in (("a", a), ("b", b)):
+        alone = fidelity(ref, model, x, batch_size=2)
+        assert many[name] == pytest.approx(alone, rel=1e-6)
+    assert many["a"]["kl"] != pytest.approx(many["b"]["kl"])

@@ -15,6 +15,7 @@ from .outputs import atomic_file, atomic_write_text, check_writable, write_json_
 
 DENSE = "dense"
 DISTILLED = "+distill"
+FILL_GROUP = 4  # --fill-kl: rebuilt models evaluated together, sharing the dense model's pass
 BENCH_STAMP = "bench_settings.json"  # written into a kept model: the settings it was compressed with
 # Set for the whole grid (--seed, --quiet), not per cell.
 GRID_OPTIONS = ("seed", "progress")
@@ -242,7 +243,7 @@ def run_bench(
     every method), then evaluated like the others. `fill_kl`: finished cells without KL to the dense model
     (scored before it was measured) get their model rebuilt and KL/top-1 added, after checking that the
     rebuilt plan and perplexity equal the recorded ones."""
-    from .evaluate import evaluate
+    from .evaluate import evaluate, fidelity_to_source
     from .methods import get_spec
     from .options import validated
     from .pipeline import compress
@@ -300,6 +301,29 @@ def run_bench(
     if save_dtype != "float32":
         settings["save_dtype"] = save_dtype
     missing = []
+    to_fill: list[tuple] = []  # (name, cell file, cell, model folder, keep it): rebuilt models waiting for their KL
+
+    def fill_group() -> None:
+        # Up to FILL_GROUP rebuilt models evaluated together: the dense model's pass is shared by all of them.
+        try:
+            evaluations = fidelity_to_source([str(entry[3]) for entry in to_fill], ppl_sources, seqlen=seqlen,
+                                             max_tokens=ppl_max_tokens, batch_size=batch_size, progress=progress)
+            refused = []
+            for (name, cell_file, cell, _, _), evaluation in zip(to_fill, evaluations, strict=True):
+                try:
+                    _add_fidelity(cell, evaluation, name)
+                except ComeError as exc:  # the others of the group are still filled
+                    refused.append(str(exc))
+                    continue
+                write_json_atomic(cell_file, cell)
+            if refused:
+                raise ComeError("; ".join(refused))
+        finally:
+            for _, _, _, model_dir, keep in to_fill:
+                if not keep:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+            to_fill.clear()
+
     for label, ratio in cells:
         name = cell_name(label, ratio)
         cell_file = out / "cells" / f"{name}.json"
@@ -365,11 +389,22 @@ def run_bench(
                 shutil.rmtree(model_dir, ignore_errors=True)
             model_dir = out / "models" / name
         keep = keep_models or (not distilled and label in distill_methods)  # its distilled cell needs it
+        if fill:
+            try:
+                _check_plan(previous, plan, name)  # before any evaluation
+            except ComeError:
+                if not keep:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+                raise
+            to_fill.append((name, cell_file, previous, model_dir, keep))
+            if len(to_fill) == FILL_GROUP:
+                fill_group()
+            continue
         try:
             evaluation = evaluate(
                 str(model_dir) if model_dir is not None else None,
                 ppl_sources=ppl_sources,
-                tasks=[] if fill else tasks,
+                tasks=tasks,
                 limit=limit,
                 seqlen=seqlen,
                 max_tokens=ppl_max_tokens,
@@ -382,10 +417,6 @@ def run_bench(
         finally:
             if method != DENSE and not keep:
                 shutil.rmtree(model_dir, ignore_errors=True)
-        if fill:
-            _add_fidelity(previous, evaluation, plan, name)
-            write_json_atomic(cell_file, previous)
-            continue
         row = {
             "method": label,
             "ratio": ratio,
@@ -411,6 +442,8 @@ def run_bench(
         write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None,
                                       "plan_layers": plan["layers"] if plan else None})
 
+    if to_fill:
+        fill_group()
     rows, per_doc = [], {}
     for method, ratio in cells:
         if cell_name(method, ratio) not in missing:
@@ -452,11 +485,15 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     return sorted(set(range(original)) - kept)
 
 
-def _add_fidelity(cell: dict, evaluation: dict, plan: dict, name: str) -> None:
-    """Add a rebuilt model's KL/top-1 to its finished cell, after checking that it is the cell's model."""
+def _check_plan(cell: dict, plan: dict, name: str) -> None:
     if plan["layers"] != cell.get("plan_layers"):
         raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one; its KL would not describe "
                         "the cell's model (rerun the cell instead)")
+
+
+def _add_fidelity(cell: dict, evaluation: dict, name: str) -> None:
+    """Add a rebuilt model's KL/top-1 to its finished cell, after checking that it is the cell's model: its
+    plan (`_check_plan`, before) and now its perplexities."""
     for source, r in evaluation["perplexity"].items():
         recorded = cell["row"].get(f"ppl_{source}")
         if recorded is not None and not math.isclose(r["ppl"], recorded, rel_tol=1e-3):
