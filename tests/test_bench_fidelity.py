@@ -98,3 +98,15 @@ def test_fill_kl_replays_a_deletion_only_plan_with_drop(tiny_dir, tmp_path, monk
     cell_file.write_text(json.dumps(old))
     bad = runner.invoke(app, [*args, "--fill-kl"])
     assert bad.exit_code == 2 and "perplexity" in bad.output
+
+
+def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
+    from come.bench import _same_plan
+
+    layer = {"covers": [3, 4], "merge": {"kept": [1, 5, 7]}, "refit": {"error_after": 0.30546702378614204}}
+    assert _same_plan([layer], [{**layer, "refit": {"error_after": 0.305467023786}}])
+    assert not _same_plan([layer], [{**layer, "refit": {"error_after": 0.3058}}])
+    assert not _same_plan([layer], [{**layer, "covers": [3, 5]}])
+    assert not _same_plan([layer], [{**layer, "merge": {"kept": [1, 5, 8]}}])
+    assert not _same_plan([layer], [layer, layer]) and not _same_plan({"a": 1}, {"a": 1, "b": 2})
+    assert not _same_plan([{"covers": [1]}], [{"covers": [1.0]}])

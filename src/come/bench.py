@@ -485,8 +485,20 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     return sorted(set(range(original)) - kept)
 
 
+def _same_plan(a, b) -> bool:
+    """Equal structure and values, floats to 1e-4 relative: a record's fit errors move in their last digits with
+    the thread count and library versions; which layers and channels a plan keeps does not."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_plan(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_plan(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+    return a == b and type(a) is type(b)
+
+
 def _check_plan(cell: dict, plan: dict, name: str) -> None:
-    if plan["layers"] != cell.get("plan_layers"):
+    if not _same_plan(plan["layers"], cell.get("plan_layers")):
         raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one; its KL would not describe "
                         "the cell's model (rerun the cell instead)")
 
