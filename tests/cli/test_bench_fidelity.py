@@ -66,3 +66,47 @@ def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, t
     cell_file.write_text(json.dumps(cell))
     bad = runner.invoke(app, [*args, "--fill-kl"])
     assert bad.exit_code == 2 and "plan differs from the recorded one" in bad.output
+
+
+def test_fill_kl_replays_a_deletion_only_plan_with_drop(tiny_dir, tmp_path, monkeypatch):
+    """A cell whose plan only deletes layers gets its model back from `drop` (no search rerun), with the
+    same KL as when the cell was made; the recorded perplexity still guards that it is the same model."""
+    out = tmp_path / "bench"
+    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt", "--ratios", "0.01", "--ppl",
+            "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
+    cell_file = out / "cells" / "shortgpt-r0.01.json"
+    made = json.loads(cell_file.read_text())
+    assert any(len(layer["covers"]) > 1 for layer in made.get("plan_layers", [])), made["row"]  # it deleted layers
+    kl = made["row"]["kl_wikipedia"]
+    old = json.loads(cell_file.read_text())
+    del old["evaluation"]["fidelity"], old["row"]["kl_wikipedia"], old["row"]["top1_wikipedia"]
+    cell_file.write_text(json.dumps(old))
+
+    import come.engine.pipeline
+
+    methods = []
+    real = come.engine.pipeline.compress
+    monkeypatch.setattr(come.engine.pipeline, "compress", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    filled = runner.invoke(app, [*args, "--fill-kl"])
+    assert filled.exit_code == 0, filled.output
+    assert methods == ["drop"]
+    assert json.loads(cell_file.read_text())["row"]["kl_wikipedia"] == pytest.approx(kl, rel=1e-5)
+
+    # A wrong recorded perplexity (another model) is refused, not filled.
+    old["row"]["ppl_wikipedia"] *= 1.5
+    cell_file.write_text(json.dumps(old))
+    bad = runner.invoke(app, [*args, "--fill-kl"])
+    assert bad.exit_code == 2 and "perplexity" in bad.output
+
+
+def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
+    from come.cli.bench import _same_plan
+
+    layer = {"covers": [3, 4], "merge": {"kept": [1, 5, 7]}, "refit": {"error_after": 0.30546702378614204}}
+    assert _same_plan([layer], [{**layer, "refit": {"error_after": 0.305467023786}}])
+    assert not _same_plan([layer], [{**layer, "refit": {"error_after": 0.3058}}])
+    assert not _same_plan([layer], [{**layer, "covers": [3, 5]}])
+    assert not _same_plan([layer], [{**layer, "merge": {"kept": [1, 5, 8]}}])
+    assert not _same_plan([layer], [layer, layer]) and not _same_plan({"a": 1}, {"a": 1, "b": 2})
+    assert not _same_plan([{"covers": [1]}], [{"covers": [1.0]}])

@@ -15,6 +15,7 @@ from ..outputs import atomic_file, atomic_write_text, check_writable, write_json
 
 DENSE = "dense"
 DISTILLED = "+distill"
+FILL_GROUP = 4  # --fill-kl: rebuilt models evaluated together, sharing the dense model's pass
 BENCH_STAMP = "bench_settings.json"  # written into a kept model: the settings it was compressed with
 # Set for the whole grid (--seed, --quiet), not per cell.
 GRID_OPTIONS = ("seed", "progress")
@@ -244,7 +245,7 @@ def run_bench(
     rebuilt plan and perplexity equal the recorded ones."""
     from ..engine.options import validated
     from ..engine.pipeline import compress
-    from ..evaluation.evaluate import evaluate
+    from ..evaluation.evaluate import evaluate, fidelity_to_source
     from ..methods import get_spec
 
     specs = {spec.label: spec for spec in map(parse_method_spec, methods)}
@@ -300,6 +301,29 @@ def run_bench(
     if save_dtype != "float32":
         settings["save_dtype"] = save_dtype
     missing = []
+    to_fill: list[tuple] = []  # (name, cell file, cell, model folder, keep it): rebuilt models waiting for their KL
+
+    def fill_group() -> None:
+        # Up to FILL_GROUP rebuilt models evaluated together: the dense model's pass is shared by all of them.
+        try:
+            evaluations = fidelity_to_source([str(entry[3]) for entry in to_fill], ppl_sources, seqlen=seqlen,
+                                             max_tokens=ppl_max_tokens, batch_size=batch_size, progress=progress)
+            refused = []
+            for (name, cell_file, cell, _, _), evaluation in zip(to_fill, evaluations, strict=True):
+                try:
+                    _add_fidelity(cell, evaluation, name)
+                except ComeError as exc:  # the others of the group are still filled
+                    refused.append(str(exc))
+                    continue
+                write_json_atomic(cell_file, cell)
+            if refused:
+                raise ComeError("; ".join(refused))
+        finally:
+            for _, _, _, model_dir, keep in to_fill:
+                if not keep:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+            to_fill.clear()
+
     for label, ratio in cells:
         name = cell_name(label, ratio)
         cell_file = out / "cells" / f"{name}.json"
@@ -335,7 +359,13 @@ def run_bench(
             stamp = model_dir / BENCH_STAMP
             reuse = ((distilled or fill) and stamp.is_file()
                      and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
-            if not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
+            dropped = _deleted_layers(previous, resolved[method]) if fill else None
+            if dropped is not None and not reuse:
+                # Its plan only deletes layers: `drop` replays it in one pass instead of rerunning the search;
+                # _add_fidelity then checks that the plan and the perplexities are the recorded ones.
+                compress(model, ratio=ratio, method="drop", drop_layers=dropped, out=model_dir, overwrite=True,
+                         seed=seed, save_dtype=save_dtype, progress=progress)
+            elif not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
                 start = time.perf_counter()
                 try:
                     result = compress(model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True,
@@ -359,11 +389,22 @@ def run_bench(
                 shutil.rmtree(model_dir, ignore_errors=True)
             model_dir = out / "models" / name
         keep = keep_models or (not distilled and label in distill_methods)  # its distilled cell needs it
+        if fill:
+            try:
+                _check_plan(previous, plan, name)  # before any evaluation
+            except ComeError:
+                if not keep:
+                    shutil.rmtree(model_dir, ignore_errors=True)
+                raise
+            to_fill.append((name, cell_file, previous, model_dir, keep))
+            if len(to_fill) == FILL_GROUP:
+                fill_group()
+            continue
         try:
             evaluation = evaluate(
                 str(model_dir) if model_dir is not None else None,
                 ppl_sources=ppl_sources,
-                tasks=[] if fill else tasks,
+                tasks=tasks,
                 limit=limit,
                 seqlen=seqlen,
                 max_tokens=ppl_max_tokens,
@@ -376,10 +417,6 @@ def run_bench(
         finally:
             if method != DENSE and not keep:
                 shutil.rmtree(model_dir, ignore_errors=True)
-        if fill:
-            _add_fidelity(previous, evaluation, plan, name)
-            write_json_atomic(cell_file, previous)
-            continue
         row = {
             "method": label,
             "ratio": ratio,
@@ -405,6 +442,8 @@ def run_bench(
         write_json_atomic(cell_file, {"settings": cell_settings, "row": row, "evaluation": evaluation, "plan_steps": plan["steps"] if plan else None,
                                       "plan_layers": plan["layers"] if plan else None})
 
+    if to_fill:
+        fill_group()
     rows, per_doc = [], {}
     for method, ratio in cells:
         if cell_name(method, ratio) not in missing:
@@ -435,11 +474,38 @@ def _fidelity_columns(row: dict, evaluation: dict) -> None:
         row[f"top1_{source}"] = f["top1"]
 
 
-def _add_fidelity(cell: dict, evaluation: dict, plan: dict, name: str) -> None:
-    """Add a rebuilt model's KL/top-1 to its finished cell, after checking that it is the cell's model."""
-    if plan["layers"] != cell.get("plan_layers"):
+def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
+    """The original layers a finished cell's plan deleted, when deleting them is all it did (no merge, no
+    refit): its model is then the original without those layers, whatever search chose them."""
+    layers = cell.get("plan_layers")
+    if not layers or options.get("refit") or any(layer.get("merged") or layer.get("merge") for layer in layers):
+        return None
+    original = max(max(layer["covers"]) for layer in layers) + 1
+    kept = {layer["position_of"] for layer in layers}
+    return sorted(set(range(original)) - kept)
+
+
+def _same_plan(a, b) -> bool:
+    """Equal structure and values, floats to 1e-4 relative: a record's fit errors move in their last digits with
+    the thread count and library versions; which layers and channels a plan keeps does not."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_plan(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same_plan(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
+    return a == b and type(a) is type(b)
+
+
+def _check_plan(cell: dict, plan: dict, name: str) -> None:
+    if not _same_plan(plan["layers"], cell.get("plan_layers")):
         raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one; its KL would not describe "
                         "the cell's model (rerun the cell instead)")
+
+
+def _add_fidelity(cell: dict, evaluation: dict, name: str) -> None:
+    """Add a rebuilt model's KL/top-1 to its finished cell, after checking that it is the cell's model: its
+    plan (`_check_plan`, before) and now its perplexities."""
     for source, r in evaluation["perplexity"].items():
         recorded = cell["row"].get(f"ppl_{source}")
         if recorded is not None and not math.isclose(r["ppl"], recorded, rel_tol=1e-3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -144,12 +145,16 @@ def evaluate(
         result["fidelity"] = {}
     for source in ppl_sources:
         tokens = eval_tokens(tokenizer, source, max_tokens=max_tokens)
-        result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
         if ref_loaded is not None:
             from .fidelity import fidelity, windows_of
 
-            result["fidelity"][source] = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
-                                                  progress=progress, desc=f"KL to reference ({source})")
+            f = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
+                         progress=progress, desc=f"KL to reference ({source})")
+            result["fidelity"][source] = f
+            if tokens.numel() % seqlen < 2:  # no partial window: the KL pass's NLL is the perplexity, no third pass
+                result["perplexity"][source] = _perplexity_of(f)
+        if source not in result["perplexity"]:
+            result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
     has_reference, ref_loaded = ref_loaded is not None, None  # not held while the tasks run (its cached evaluation loads it)
     if tasks:
         from .tasks import zero_shot
@@ -165,6 +170,46 @@ def evaluate(
     if speed:
         result["speed"] = measure_speed(model, seed=seed)
     return result
+
+
+def _perplexity_of(fid: dict) -> dict:
+    """`perplexity()`'s result from a `fidelity` pass over the same full windows (its NLL is the model's)."""
+    return {"ppl": math.exp(fid["nll"]), "nll": fid["nll"], "tokens": fid["windows"] * (fid["seqlen"] - 1),
+            "seqlen": fid["seqlen"], "windows": fid["windows"]}
+
+
+def fidelity_to_source(model_dirs: list, ppl_sources: list[str], seqlen: int = 512, max_tokens: int | None = None,
+                       batch_size: int = 8, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> list[dict]:
+    """For several folders compressed from one source model: what `evaluate(folder, tasks=[], reference="plan")`
+    returns for each (perplexity, KL and top-1 agreement to the source), with the source's pass shared by all."""
+    from ..artifacts.plan import PLAN_FILE
+    from ..engine.models import load_model
+    from .data import eval_tokens
+    from .fidelity import check_same_vocabulary, fidelity_many, windows_of
+    from .perplexity import perplexity
+
+    sources = []
+    for folder in model_dirs:
+        plan_file = Path(folder) / PLAN_FILE
+        sources.append(reference_source(json.loads(plan_file.read_text())) if plan_file.is_file() else _NO_REFERENCE)
+    if _NO_REFERENCE in sources or any(s != sources[0] for s in sources):
+        raise ComeError("the folders must all have a plan naming one source model that is on this machine")
+    loaded = [load_model(str(folder), dtype=dtype, device=device) for folder in model_dirs]
+    ref = load_model(sources[0], dtype=dtype, device=device)
+    for one in loaded:
+        check_same_vocabulary(ref.model, one.model, ref.tokenizer, one.tokenizer)
+    results = [{"model": one.source, "layers": one.model.config.num_hidden_layers, "perplexity": {}, "fidelity": {},
+                "reference": ref.source} for one in loaded]
+    for source in ppl_sources:
+        tokens = eval_tokens(ref.tokenizer, source, max_tokens=max_tokens)  # the same tokenizer: checked above
+        many = fidelity_many(ref.model, dict(enumerate(one.model for one in loaded)), windows_of(tokens, seqlen),
+                             batch_size=max(1, batch_size // 2), progress=progress, desc=f"KL to reference ({source})")
+        for i, result in enumerate(results):
+            result["fidelity"][source] = many[i]
+            result["perplexity"][source] = (
+                _perplexity_of(many[i]) if tokens.numel() % seqlen < 2
+                else perplexity(loaded[i].model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress))
+    return results
 
 
 def print_report(result: dict) -> None:

@@ -45,44 +45,58 @@ def check_same_vocabulary(reference, model, reference_tokenizer=None, tokenizer=
             raise ComeError("the reference model has another tokenizer than the model: KL needs the same tokenizer")
 
 
-@torch.no_grad()
 def fidelity(reference, model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "fidelity") -> dict:
     """Mean per-token KL(reference || model) in nats, top-1 agreement and the model's NLL on `windows` ([n, seqlen] ids).
 
     Every position of every window counts (each has a next-token distribution); the NLL counts the
     positions that have a next token, as perplexity does.
     """
+    return fidelity_many(reference, {"model": model}, windows, batch_size, progress, desc)["model"]
+
+
+@torch.no_grad()
+def fidelity_many(reference, models: dict, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                  desc: str = "fidelity") -> dict:
+    """`fidelity` of each of `models` ({name: model}) to one reference, whose logits are computed once per batch
+    and shared: for several compressed versions of one model, the reference's pass is paid once."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be [n, seqlen >= 2] token ids, got shape {tuple(windows.shape)}")
-    states = (reference.training, model.training)
+    states = {name: m.training for name, m in models.items()}
+    ref_state = reference.training
     reference.eval()
-    model.eval()
-    kl_sum, agree, positions, nll_sum, predicted = 0.0, 0, 0, 0.0, 0
+    for m in models.values():
+        m.eval()
+    sums = {name: {"kl": 0.0, "agree": 0, "positions": 0, "nll": 0.0, "predicted": 0} for name in models}
     try:
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
             ref_logits = reference(batch.to(_device(reference)), use_cache=False).logits
-            logits = model(batch.to(_device(model)), use_cache=False).logits
-            ref_logits = ref_logits.to(logits.device)
-            targets = batch[:, 1:].to(logits.device)
-            rows = max(1, _CHUNK_POSITIONS // batch.shape[0])
-            for s in range(0, batch.shape[1], rows):
-                lp = F.log_softmax(logits[:, s : s + rows].float(), dim=-1)
-                rp = F.log_softmax(ref_logits[:, s : s + rows].float(), dim=-1)
-                kl_sum += float((rp.exp() * (rp - lp)).sum(-1).double().sum())
-                agree += int((lp.argmax(-1) == rp.argmax(-1)).sum())
-                positions += lp.shape[0] * lp.shape[1]
-                t = targets[:, s : s + rows]
-                if t.numel():
-                    nll_sum += float(-lp[:, : t.shape[1]].gather(-1, t.unsqueeze(-1)).double().sum())
-                    predicted += t.numel()
+            for name, model in models.items():
+                _accumulate(sums[name], ref_logits, model(batch.to(_device(model)), use_cache=False).logits, batch)
     finally:
-        reference.train(states[0])
-        model.train(states[1])
-    return {
-        "kl": kl_sum / positions,
-        "top1": agree / positions,
-        "nll": nll_sum / max(1, predicted),
-        "tokens": positions,
+        reference.train(ref_state)
+        for name, m in models.items():
+            m.train(states[name])
+    return {name: {
+        "kl": s["kl"] / s["positions"],
+        "top1": s["agree"] / s["positions"],
+        "nll": s["nll"] / max(1, s["predicted"]),
+        "tokens": s["positions"],
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
-    }
+    } for name, s in sums.items()}
+
+
+def _accumulate(sums: dict, ref_logits: torch.Tensor, logits: torch.Tensor, batch: torch.Tensor) -> None:
+    ref_logits = ref_logits.to(logits.device)
+    targets = batch[:, 1:].to(logits.device)
+    rows = max(1, _CHUNK_POSITIONS // batch.shape[0])
+    for s in range(0, batch.shape[1], rows):
+        lp = F.log_softmax(logits[:, s : s + rows].float(), dim=-1)
+        rp = F.log_softmax(ref_logits[:, s : s + rows].float(), dim=-1)
+        sums["kl"] += float((rp.exp() * (rp - lp)).sum(-1).double().sum())
+        sums["agree"] += int((lp.argmax(-1) == rp.argmax(-1)).sum())
+        sums["positions"] += lp.shape[0] * lp.shape[1]
+        t = targets[:, s : s + rows]
+        if t.numel():
+            sums["nll"] += float(-lp[:, : t.shape[1]].gather(-1, t.unsqueeze(-1)).double().sum())
+            sums["predicted"] += t.numel()

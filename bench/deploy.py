@@ -1,14 +1,15 @@
-"""What a recipe's output costs to deploy: file sizes and decode speed, dense vs compressed, measured in one run.
+"""What a compressed model costs to deploy: file sizes and decode speed, dense vs compressed, measured in one run.
 
-For the dense built-in SmolLM2-135M and a compressed folder (e.g. `runs/smollm2-come-0.3/distilled`
-written by `come run recipes/smollm2-come-0.3.yaml`): the safetensors size, a GGUF per `--types`
+For a dense model (`--dense`: the built-in SmolLM2-135M unless given, e.g. `gemma3-270m` or a folder) and
+a folder compressed from it (e.g. `runs/smollm2-come-0.3/distilled` written by
+`come run recipes/smollm2-come-0.3.yaml`): the safetensors size, a GGUF per `--types`
 (written with `come export-gguf`), greedy decode tokens/s in transformers (batch 1, float32, CPU),
 and, when `llama-cpp-python` is importable, decode tokens/s of each GGUF in llama.cpp and whether
 its greedy tokens equal transformers' for the prompt. Dense and compressed alternate `--repeats`
 times so that a change of machine load hits both; the best run is reported.
 
-    python bench/deploy_smollm2.py runs/smollm2-come-0.3/distilled --types f16,q8_0 \
-        --results bench/results/deploy_smollm2
+    python bench/deploy.py runs/smollm2-come-0.3/distilled --types f16,q8_0 --results bench/results/deploy_smollm2
+    python bench/deploy.py runs/gemma3-0.1 --dense gemma3-270m --results bench/results/deploy_gemma3
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def llama_cpp_decode(gguf: Path, new_tokens: int, repeats: int, threads: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("compressed", help="a folder written by come (compress, distill or a recipe stage)")
+    parser.add_argument("--dense", default=None, help="the model it was compressed from: a folder or a built-in name "
+                        "(default: the built-in SmolLM2-135M)")
     parser.add_argument("--types", default="f16,q8_0", help="GGUF types to export and time, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -82,7 +85,10 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    dense = Path(load_model(None).source["path"])  # the cached folder of the built-in model
+    dense_model = load_model(args.dense)
+    dense = Path(dense_model.source["path"])  # a built-in model's cached folder
+    title = dense_model.model.config.name_or_path and Path(dense_model.model.config.name_or_path).name or dense.name
+    del dense_model
     models = {"dense": dense, "compressed": Path(args.compressed).resolve()}
     types = [t for t in args.types.split(",") if t]
     threads = torch.get_num_threads()
@@ -121,7 +127,7 @@ def main() -> None:
     command = _results.command_line()
     mib = 1024 * 1024
     lines = [
-        "# Deployment cost: dense vs compressed SmolLM2-135M (sizes, decode speed; one run)",
+        f"# Deployment cost: dense vs compressed {title} (sizes, decode speed; one run)",
         "",
         f"Command: `{command}`  ",
         f"Machine: {_results.machine(threads, llama_cpp_python=llama_version or 'not installed')}.  ",
