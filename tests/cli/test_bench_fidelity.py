@@ -110,3 +110,6 @@ def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
     assert not _same_plan([layer], [{**layer, "merge": {"kept": [1, 5, 8]}}])
     assert not _same_plan([layer], [layer, layer]) and not _same_plan({"a": 1}, {"a": 1, "b": 2})
     assert not _same_plan([{"covers": [1]}], [{"covers": [1.0]}])
+    from come.cli.bench import _first_difference
+
+    assert _first_difference([layer], [{**layer, "merge": {"kept": [1, 5, 8]}}]) == "layers[0].merge.kept[2]: 7 recorded, 8 now"
