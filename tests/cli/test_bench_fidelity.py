@@ -113,3 +113,12 @@ def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
     from come.cli.bench import _first_difference
 
     assert _first_difference([layer], [{**layer, "merge": {"kept": [1, 5, 8]}}]) == "layers[0].merge.kept[2]: 7 recorded, 8 now"
+    assert _first_difference([layer], [{**layer, "new": 1}]) == "layers[0]: keys [] recorded only, ['new'] now only"
+    # The check compares what the plan says of the model: spans, merges, refit choices; not fit-error records.
+    from come.cli.bench import _plan_identity
+
+    refit = {"applied": True, "damping": 0.1, "error_after": 0.3}
+    base = [{"covers": [3, 4], "position_of": 3, "merged": True, "merge": {"kept": [1]}, "refit": refit}]
+    assert _same_plan(_plan_identity(base), _plan_identity([{**base[0], "transform": {"error_after": 0.2},
+                                                             "refit": {**refit, "error_after": 0.4, "rows": 8}}]))
+    assert not _same_plan(_plan_identity(base), _plan_identity([{**base[0], "refit": {**refit, "damping": 1.0}}]))

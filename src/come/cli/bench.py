@@ -499,7 +499,10 @@ def _same_plan(a, b) -> bool:
 
 def _first_difference(a, b, where: str = "layers") -> str:
     """Where two plans first differ, e.g. "layers[8].transform.error_after: 0.3055 recorded, 0.3107 now"."""
-    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return (f"{where}: keys {sorted(a.keys() - b.keys())} recorded only, {sorted(b.keys() - a.keys())} "
+                    "now only")
         return next((_first_difference(a[k], b[k], f"{where}.{k}") for k in a if not _same_plan(a[k], b[k])), "")
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return next((_first_difference(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))
@@ -507,11 +510,28 @@ def _first_difference(a, b, where: str = "layers") -> str:
     return f"{where}: {a!r} recorded, {b!r} now"
 
 
+def _plan_identity(layers: list[dict] | None) -> list[dict] | None:
+    """What a plan's layers say about the model: the spans, the merges (kept channels) and the refit choices.
+    Fit-error records are left out (they are diagnostics, and later versions record more of them); the
+    perplexity check after the evaluation is what shows that the weights are the recorded model's."""
+    if layers is None:
+        return None
+    out = []
+    for layer in layers:
+        entry = {k: layer.get(k) for k in ("covers", "position_of", "merged", "merge")}
+        refit = layer.get("refit")
+        if refit:
+            entry["refit"] = {k: refit.get(k) for k in ("applied", "damping")}
+        out.append(entry)
+    return out
+
+
 def _check_plan(cell: dict, plan: dict, name: str) -> None:
-    if not _same_plan(plan["layers"], cell.get("plan_layers")):
+    recorded, rebuilt = _plan_identity(cell.get("plan_layers")), _plan_identity(plan["layers"])
+    if not _same_plan(recorded, rebuilt):
         raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one "
-                        f"({_first_difference(cell.get('plan_layers'), plan['layers'])[:300]}); its KL would not "
-                        "describe the cell's model (rerun the cell instead)")
+                        f"({_first_difference(recorded, rebuilt)[:300]}); its KL would not describe the cell's "
+                        "model (rerun the cell instead)")
 
 
 def _add_fidelity(cell: dict, evaluation: dict, name: str) -> None:
