@@ -122,3 +122,16 @@ def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
     assert _same_plan(_plan_identity(base), _plan_identity([{**base[0], "transform": {"error_after": 0.2},
                                                              "refit": {**refit, "error_after": 0.4, "rows": 8}}]))
     assert not _same_plan(_plan_identity(base), _plan_identity([{**base[0], "refit": {**refit, "damping": 1.0}}]))
+
+
+def test_only_plans_that_delete_and_change_no_weight_are_replayed():
+    from come.cli.bench import _deleted_layers
+
+    kept = {"merged": False, "merge": None}
+    deletion = [{"index": 0, "covers": [0, 1], "position_of": 0, **kept}, {"index": 1, "covers": [2], "position_of": 2, **kept}]
+    assert _deleted_layers({"plan_layers": deletion}, {}) == [1]
+    assert _deleted_layers({"plan_layers": deletion}, {"refit": True}) is None
+    transformed = [{**deletion[0], "transform": {"rule": "replaceme"}}, deletion[1]]  # ReplaceMe's linear map
+    assert _deleted_layers({"plan_layers": transformed}, {}) is None
+    merged = [{**deletion[0], "merged": True, "merge": {"sources": []}}, deletion[1]]
+    assert _deleted_layers({"plan_layers": merged}, {}) is None

@@ -478,7 +478,9 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     """The original layers a finished cell's plan deleted, when deleting them is all it did (no merge, no
     refit): its model is then the original without those layers, whatever search chose them."""
     layers = cell.get("plan_layers")
-    if not layers or options.get("refit") or any(layer.get("merged") or layer.get("merge") for layer in layers):
+    plain = {"index", "covers", "position_of", "merged", "merge"}  # anything else (a refit, a transform) changed weights
+    if not layers or options.get("refit") or any(layer.get("merged") or layer.get("merge") or set(layer) - plain
+                                                 for layer in layers):
         return None
     original = max(max(layer["covers"]) for layer in layers) + 1
     kept = {layer["position_of"] for layer in layers}
