@@ -122,6 +122,11 @@ def test_plans_are_compared_exactly_in_structure_and_to_1e_4_in_fit_errors():
     assert _same_plan(_plan_identity(base), _plan_identity([{**base[0], "transform": {"error_after": 0.2},
                                                              "refit": {**refit, "error_after": 0.4, "rows": 8}}]))
     assert not _same_plan(_plan_identity(base), _plan_identity([{**base[0], "refit": {**refit, "damping": 1.0}}]))
+    # A cell recorded before merges noted their position: the rebuilt plan may hold more keys, not fewer.
+    newer = [{**base[0], "merge": {"kept": [1], "position": 0}}]
+    assert _same_plan(_plan_identity(base), _plan_identity(newer), newer_keys=True)
+    assert not _same_plan(_plan_identity(newer), _plan_identity(base), newer_keys=True)
+    assert not _same_plan(_plan_identity(base), _plan_identity(newer))
 
 
 def test_only_plans_that_delete_and_change_no_weight_are_replayed():

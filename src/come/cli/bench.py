@@ -487,13 +487,15 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     return sorted(set(range(original)) - kept)
 
 
-def _same_plan(a, b) -> bool:
+def _same_plan(a, b, newer_keys: bool = False) -> bool:
     """Equal structure and values, floats to 1e-4 relative: a record's fit errors move in their last digits with
-    the thread count and library versions; which layers and channels a plan keeps does not."""
+    the thread count and library versions; which layers and channels a plan keeps does not. `newer_keys`: `b`
+    may hold keys `a` lacks (a newer version records more), every key of `a` must match."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_plan(a[k], b[k]) for k in a)
+        keys_ok = a.keys() <= b.keys() if newer_keys else a.keys() == b.keys()
+        return keys_ok and all(_same_plan(a[k], b[k], newer_keys) for k in a)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same_plan(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_plan(x, y, newer_keys) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) or (math.isnan(a) and math.isnan(b))
     return a == b and type(a) is type(b)
@@ -530,7 +532,7 @@ def _plan_identity(layers: list[dict] | None) -> list[dict] | None:
 
 def _check_plan(cell: dict, plan: dict, name: str) -> None:
     recorded, rebuilt = _plan_identity(cell.get("plan_layers")), _plan_identity(plan["layers"])
-    if not _same_plan(recorded, rebuilt):
+    if not _same_plan(recorded, rebuilt, newer_keys=True):
         raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one "
                         f"({_first_difference(recorded, rebuilt)[:300]}); its KL would not describe the cell's "
                         "model (rerun the cell instead)")
