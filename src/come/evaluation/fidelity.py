@@ -69,9 +69,9 @@ def fidelity_many(reference, models: dict, windows: torch.Tensor, batch_size: in
     sums = {name: {"kl": 0.0, "agree": 0, "positions": 0, "nll": 0.0, "predicted": 0} for name in models}
     try:
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-            ref_logits = reference(batch.to(_device(reference)), use_cache=False).logits
+            ref_logp = _log_probs(reference(batch.to(_device(reference)), use_cache=False).logits)
             for name, model in models.items():
-                _accumulate(sums[name], ref_logits, model(batch.to(_device(model)), use_cache=False).logits, batch)
+                _accumulate(sums[name], ref_logp, model(batch.to(_device(model)), use_cache=False).logits, batch)
     finally:
         reference.train(ref_state)
         for name, m in models.items():
@@ -86,13 +86,24 @@ def fidelity_many(reference, models: dict, windows: torch.Tensor, batch_size: in
     } for name, s in sums.items()}
 
 
-def _accumulate(sums: dict, ref_logits: torch.Tensor, logits: torch.Tensor, batch: torch.Tensor) -> None:
-    ref_logits = ref_logits.to(logits.device)
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over the vocabulary, formed in chunks of positions (one vocab-wide upcast at a time)."""
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    rows = max(1, _CHUNK_POSITIONS // logits.shape[0])
+    for s in range(0, logits.shape[1], rows):
+        out[:, s : s + rows] = F.log_softmax(logits[:, s : s + rows].float(), dim=-1)
+    return out
+
+
+def _accumulate(sums: dict, ref_logp: torch.Tensor, logits: torch.Tensor, batch: torch.Tensor) -> None:
+    """Add one batch's KL(reference || model), top-1 agreement and NLL; `ref_logp`: the reference's `_log_probs`,
+    computed once per batch for every model compared with it."""
+    ref_logp = ref_logp.to(logits.device)
     targets = batch[:, 1:].to(logits.device)
     rows = max(1, _CHUNK_POSITIONS // batch.shape[0])
     for s in range(0, batch.shape[1], rows):
         lp = F.log_softmax(logits[:, s : s + rows].float(), dim=-1)
-        rp = F.log_softmax(ref_logits[:, s : s + rows].float(), dim=-1)
+        rp = ref_logp[:, s : s + rows]
         sums["kl"] += float((rp.exp() * (rp - lp)).sum(-1).double().sum())
         sums["agree"] += int((lp.argmax(-1) == rp.argmax(-1)).sum())
         sums["positions"] += lp.shape[0] * lp.shape[1]
