@@ -13,6 +13,8 @@ from come.core.refit import (
     choose_and_solve,
     collect_stats,
     held_out_path,
+    lowest_on_grid,
+    parse_damping,
     ridge_path,
     ridge_solve,
 )
@@ -85,6 +87,48 @@ def test_auto_damping_is_chosen_on_held_out_rows_and_never_hurts_them():
     kept = choose_and_solve(fit_rows, held_rows, w0, "auto")
     assert not kept.record["applied"] and kept.record["damping"] is None and torch.equal(kept.weight, w0)
 
+
+
+def test_the_damping_walk_finds_the_grids_lowest_of_every_unimodal_score_from_every_start():
+    """Every score that falls then rises along the grid (every position of the minimum, plateaus included):
+    the walk picks what scoring the whole grid picks (ties to the larger damping), scoring fewer values."""
+    grid = DAMPING_GRID
+    n = len(grid)
+    for low in range(n):
+        for flat in (False, True):
+            values = [float(abs(i - low)) for i in range(n)]
+            if flat and low + 1 < n:
+                values[low + 1] = values[low]  # a tie beside the minimum: the larger damping wins
+            expected = min(grid, key=lambda d: (values[grid.index(d)], -d))
+            for start in range(n):
+                calls = []
+                best, scores = lowest_on_grid(lambda d, calls=calls, values=values: calls.append(d) or values[grid.index(d)], grid, start)
+                assert best == expected, (low, flat, start)
+                assert len(calls) == len(set(calls)) == len(scores)  # each damping solved at most once
+                assert all(scores[d] == values[grid.index(d)] for d in scores)
+    # From the middle, a minimum at the middle or next to it costs three or four solves, not nine.
+    mid = n // 2
+    for low, most in ((mid, 3), (mid + 1, 3), (mid + 2, 4)):
+        _, scores = lowest_on_grid(lambda d, low=low: abs(grid.index(d) - low), grid)
+        assert len(scores) <= most
+
+
+def test_grid_damping_scores_every_value_and_auto_walks():
+    """refit_damping="grid" scores the whole grid (the choice behind a score with two dips); "auto" walks."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(60, 40, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(3, 40, generator=g, dtype=torch.float64).T + 2.0 * torch.randn(60, 3, generator=g, dtype=torch.float64)
+    fit, held = _stats(x[:45], y[:45]), _stats(x[45:], y[45:])
+    w0 = torch.zeros(3, 40, dtype=torch.float64)
+    full, walked = choose_and_solve(fit, held, w0, "grid"), choose_and_solve(fit, held, w0, "auto")
+    assert len(full.record["held_out_errors"]) == len(DAMPING_GRID) > len(walked.record["held_out_errors"])
+    assert full.record["damping"] == walked.record["damping"]  # this score falls then rises
+    torch.testing.assert_close(full.weight, walked.weight, rtol=0, atol=0)
+    for key, value in walked.record["held_out_errors"].items():
+        assert value == pytest.approx(full.record["held_out_errors"][key], rel=1e-12)
+    assert parse_damping("grid") == "grid" and parse_damping(None) == "auto" and parse_damping("0.5") == 0.5
+    with pytest.raises(Exception, match="'auto', 'grid' or a number"):
+        parse_damping("fast")
 
 
 @pytest.mark.parametrize("rows", [300, 40])  # 40 rows < 48 inputs: a singular fit Z^T Z, only the damping makes it solvable

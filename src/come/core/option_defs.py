@@ -81,7 +81,7 @@ SHARED: tuple[Option, ...] = (
     Option("refit", bool, False, "After every merge or removal, refit the new layer's down_proj (ridge least squares) "
                                  "to reproduce the original model over the span it replaces."),
     Option("refit_damping", str | float, "auto", "Refit damping relative to the mean diagonal of Z^T Z, or auto "
-                                                 "(chosen per layer on held-out calibration sequences)."),
+                                                 "(chosen per layer on held-out calibration sequences by walking the damping grid to its lowest error), or grid (score every grid value)."),
     # Execution: where and in what precision activations are kept, progress.
     Option("incremental", bool, True, "Recompute only the layers after a merge (False: every layer; benchmarks).",
            hidden=True),
