@@ -95,3 +95,20 @@ def test_kl_loss_is_the_divergence_from_the_original_model():
     # The cross-entropy of the same skip is a different number (the option is not ignored).
     cache.loss_kind = "ce"
     assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-2)
+
+
+def test_original_boundaries_inside_a_span_are_released_and_nothing_else():
+    """A merged or absorbed span only grows, so the original boundaries strictly inside it are never a target
+    again: they are dropped (their memory freed once no current boundary shares it); the span's ends stay."""
+    from come.errors import ComeError
+
+    model = tiny_model("llama", num_hidden_layers=8)
+    cache = BoundaryCache(model, adapter_for(model.config), tiny_tokens(nsamples=4, seqlen=16), batch_size=2, progress=False)
+    kept = {i: cache.teacher_boundary(i) for i in range(9)}
+    cache.release_teacher([[0], [1, 2, 3], [4], [5, 7], [6]])  # [5, 7] is not contiguous: left alone
+    for i in range(9):
+        if i in (2, 3):
+            with pytest.raises(ComeError, match="inside a merged span"):
+                cache.teacher_boundary(i)
+        else:
+            assert cache.teacher_boundary(i) is kept[i]

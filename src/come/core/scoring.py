@@ -312,7 +312,20 @@ class BoundaryCache:
         """The original model's boundary h_index (as cached before any change): refit and skip-error targets."""
         if self.teacher is None or index >= len(self.teacher):
             raise ComeError(f"no original-model boundary {index}: the cache was built after the model changed")
+        if self.teacher[index] is None:
+            raise ComeError(f"the original-model boundary {index} was released: it lies inside a merged span")
         return self.teacher[index]
+
+    def release_teacher(self, spans) -> None:
+        """Drop the original-model boundaries strictly inside the spans of original layers `spans` (lists of
+        contiguous layer indices): a span only grows, so what enters or leaves it is all any refit or skip
+        error can ask for, and the memory of the others goes back once no current boundary shares it."""
+        if self.teacher is None:
+            return
+        for covers in spans:
+            if list(covers) == list(range(covers[0], covers[-1] + 1)):  # boundary i enters original layer i
+                for index in covers[1:]:
+                    self.teacher[index] = None
 
     # -- scores ---------------------------------------------------------------
     def _cosine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
