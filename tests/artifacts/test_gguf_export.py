@@ -206,6 +206,47 @@ def test_only_byte_level_tokenizers_are_built_from_files(tmp_path, smollm2_token
     _assert_refused(result, tmp_path, "not byte-level")
 
 
+def test_a_dense_model_loaded_from_a_gguf_exports_with_that_files_tokenizer(tmp_path, smollm2_tokenizer, monkeypatch):
+    """A model converted from a .gguf is cached with a marker naming the file; exporting the cached folder
+    copies that file's tokenizer fields, even when transformers rebuilt the tokenizer in a form the
+    exporter does not convert (Gemma 3's)."""
+    import json
+    import shutil
+
+    from gguf import GGUFReader
+
+    from come.engine.models import GGUF_SOURCE_FILE, cached_gguf, gguf_source_of
+
+    monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src.gguf"
+    assert runner.invoke(app, ["export-gguf", str(_saved(tmp_path / "m", smollm2_tokenizer, "llama")),
+                               "--out", str(source), "-q"]).exit_code == 0
+    cached = cached_gguf(source)
+    assert gguf_source_of(cached) == source.resolve()
+    # The cached folder with a tokenizer.json the exporter cannot build fields from (not byte-level).
+    folder = tmp_path / "dense"
+    shutil.copytree(cached, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = spec["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
+                                               "split": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    out = tmp_path / "out" / "dense.gguf"
+    result = runner.invoke(app, ["export-gguf", str(folder), "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+
+    def tokenizer_fields(path):
+        reader = GGUFReader(path)
+        return {k: reader.fields[k].contents() for k in reader.fields if k.startswith("tokenizer.")}
+
+    assert tokenizer_fields(out) == tokenizer_fields(source)
+    # Without the marker the same folder is refused, as before.
+    (folder / GGUF_SOURCE_FILE).unlink()
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    _assert_refused(runner.invoke(app, ["export-gguf", str(folder), "--out", str(refused / "x.gguf")]), refused,
+                    "not byte-level")
+
+
 def _assert_refused(result, tmp_path, pattern):
     assert_error_line(result, pattern)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*gguf*"))

@@ -157,9 +157,13 @@ def _write_gemma3_keys(writer, config) -> bool:
 
 
 def _source_gguf(folder: Path) -> Path | None:
+    """The .gguf the model came from: named by the plan of a compressed folder, or by the marker of a
+    cached conversion (a dense model loaded from a .gguf)."""
+    from ..engine.models import gguf_source_of
+
     plan_file = folder / "come_plan.json"
     if not plan_file.is_file():
-        return None
+        return gguf_source_of(folder)
     model = json.loads(plan_file.read_text()).get("model") or {}
     path = model.get("gguf") or (model.get("path") if model.get("kind") == "gguf" else None)
     return Path(path) if path and Path(path).is_file() else None

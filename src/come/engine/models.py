@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -135,17 +136,35 @@ def _gguf_cache_folder(path: Path) -> Path:
     return cache_dir() / "models" / f"{path.stem}-{key}"
 
 
+# In a folder converted from a .gguf: which file it came from, so that a GGUF export of the folder copies
+# that file's tokenizer (transformers rebuilds some GGUF tokenizers in a form the exporter cannot convert).
+GGUF_SOURCE_FILE = "come_gguf_source.json"
+
+
+def gguf_source_of(folder: Path) -> Path | None:
+    """The .gguf a cached conversion was made from, if `folder` is one and the file is still there."""
+    marker = Path(folder) / GGUF_SOURCE_FILE
+    if not marker.is_file():
+        return None
+    path = Path(json.loads(marker.read_text()).get("gguf", ""))
+    return path if path.is_file() else None
+
+
 def cached_gguf(path: Path) -> Path:
     """A .gguf as a plain HF folder (float32), converted once and cached like the default model."""
-    from ..outputs import atomic_folder
+    from ..outputs import atomic_folder, atomic_write_text
 
     target = _gguf_cache_folder(path)
+    marker = json.dumps({"gguf": str(path.resolve())})
     if (target / "config.json").is_file():
+        if not (target / GGUF_SOURCE_FILE).is_file():  # a conversion cached before the marker existed
+            atomic_write_text(target / GGUF_SOURCE_FILE, marker, what="cache")
         return target
     model, tokenizer = _from_gguf(path, torch.float32)
     with atomic_folder(target, first_wins=True) as tmp:  # another process may cache it first: theirs is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (Path(tmp) / GGUF_SOURCE_FILE).write_text(marker)
     return target
 
 
