@@ -112,3 +112,21 @@ def test_original_boundaries_inside_a_span_are_released_and_nothing_else():
                 cache.teacher_boundary(i)
         else:
             assert cache.teacher_boundary(i) is kept[i]
+
+
+def test_replaced_original_boundaries_move_to_the_teacher_store_unchanged(tmp_path):
+    """With boundaries in RAM, an original-model boundary that a change replaces moves to disk with the same
+    values; the current boundaries stay in RAM and one still shared with the original stays where it is."""
+    from come.core.activations import BoundaryStore, DiskBoundary
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    cache = BoundaryCache(model, adapter_for(model.config), tiny_tokens(nsamples=5, seqlen=16), batch_size=2,
+                          progress=False, teacher_store=BoundaryStore("disk", tmp_path))
+    original = [cache.teacher_boundary(i).clone() for i in range(7)]
+    cache.invalidate_from(3)  # as after a change at layer 3: h_4.. are recomputed from it
+    cache.ensure_fresh()
+    for i in range(7):
+        stored = cache.teacher_boundary(i)
+        assert isinstance(stored, DiskBoundary) == (i >= 4) and isinstance(cache.h[i], torch.Tensor)
+        assert torch.equal(stored[0:5], original[i])
+    assert (cache.teacher_boundary(2) is cache.h[2]) and len(list(tmp_path.iterdir())) == 3

@@ -88,7 +88,8 @@ SHARED: tuple[Option, ...] = (
     Option("activation_dtype", Literal["float32", "bfloat16", "float16"], "float32",
            "Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."),
     Option("activation_storage", Literal["auto", "ram", "disk"], "auto",
-           "Activations: ram | disk | auto (disk if over half of free memory). Layer-wise, merged layers go to disk "
+           "Activations: ram | disk | auto (disk if over half of free memory). With ram, the original model's "
+           "activations that a step replaces (refit targets) move to disk. Layer-wise, merged layers go to disk "
            "unless ram."),
     Option("cache_dir", str | None, None, "Folder for the disk cache (default: $COME_CACHE/work)."),
     Option("progress", bool, True, "Progress bars.", cli=False),

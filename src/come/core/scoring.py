@@ -147,6 +147,7 @@ class BoundaryCache:
         layers: ModelLayers | None = None,
         store: BoundaryStore | None = None,
         loss_kind: str = "ce",
+        teacher_store: BoundaryStore | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -162,6 +163,8 @@ class BoundaryCache:
         self.layers_run = 0  # counts decoder-layer passes over the whole set (for benchmarks)
         # Every decoder-layer pass (boundary updates, what-if losses, refits) in whole-set equivalents.
         self.layer_passes = 0.0
+        self.teacher: list | None = None  # set once the original model's boundaries are computed
+        self.teacher_store = teacher_store
 
         # Layer kwargs depend only on the sequence shape (no padding in
         # calibration), so one single-sequence capture serves every batch.
@@ -178,7 +181,7 @@ class BoundaryCache:
         self.recompute_from(0)
         # The original model's boundaries: targets of the output refit. Later recomputations make
         # new tensors (or files), so holding these references keeps them as they are now.
-        self.teacher: list | None = list(self.h)
+        self.teacher = list(self.h)
         self.num_layers_original = self.num_layers
         self.loss_kind = loss_kind
 
@@ -208,6 +211,18 @@ class BoundaryCache:
 
     def invalidate_from(self, start: int) -> None:
         """Layers from `start` on changed: h_{start+1}.. are recomputed when next needed."""
+        self._drop_from(start)
+
+    def _drop_from(self, start: int) -> None:
+        """Delete h_{start+1}..; an original-model boundary the teacher still holds in RAM moves to
+        `teacher_store` first (the same values), so that its memory goes back."""
+        if self.teacher is not None and self.teacher_store is not None:
+            for i in range(start + 1, min(len(self.h), len(self.teacher))):
+                boundary = self.h[i]
+                if self.teacher[i] is boundary and isinstance(boundary, torch.Tensor):
+                    moved = self.teacher_store.new(boundary.shape, boundary.dtype)
+                    moved[0 : boundary.shape[0]] = boundary
+                    self.teacher[i] = moved
         del self.h[start + 1 :]
 
     def ensure_fresh(self) -> None:
@@ -227,7 +242,7 @@ class BoundaryCache:
     def recompute_from(self, start: int, until: int | None = None) -> None:
         """Recompute h_{start+1}..h_until (default h_L) by running layers start..until-1."""
         num = self.num_layers if until is None else until
-        del self.h[start + 1 :]
+        self._drop_from(start)
         steps = tqdm(
             range(start, num),
             desc="calibration pass",

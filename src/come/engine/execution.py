@@ -28,8 +28,6 @@ class Execution:
     """The in-memory model and the layer-wise one, seen by `compress()`."""
 
     layerwise = False
-    # The run keeps state on disk besides the boundaries (a work folder is needed whatever the activations).
-    needs_work_folder = False
 
     def __init__(self, model: str | LoadedModel | None, dtype: str = "float32", device: str = "cpu"):
         self.source, self.dtype, self.device = model, dtype, device
@@ -94,7 +92,6 @@ class Layerwise(Execution):
             raise InvalidTarget("--layerwise reads the model from its folder; pass the folder, not a loaded model")
         super().__init__(model, dtype, device)
         self.max_shard_size, self.merged_on_disk = max_shard_size, merged_on_disk
-        self.needs_work_folder = merged_on_disk
         self.checkpoint = None
         self.lazy = None
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +71,8 @@ class CompressionContext:
     # and where calibration boundaries are kept (RAM by default).
     layers: ModelLayers | None = None
     store: BoundaryStore | None = None
+    # Where an original-model boundary goes once the current one replaces it (None: it stays where it is).
+    teacher_store: BoundaryStore | None = None
     _cache: BoundaryCache | None = None
 
     def __post_init__(self):
@@ -106,6 +107,7 @@ class CompressionContext:
                 layers=self.layers,
                 store=self.store,
                 loss_kind=self.options.search_loss,
+                teacher_store=self.teacher_store,
             )
         return self._cache
 
@@ -279,12 +281,14 @@ def compress(
     storage = choose_storage(opts.activation_storage, activation_bytes(loaded.model, adapter, tokens, opts))
     # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
     work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
-    use_disk = storage == "disk" or execution.needs_work_folder
-    with work_folder(work_root) if use_disk else nullcontext() as work:
+    # With boundaries in RAM, the original model's ones that later steps replace move to disk (refit and
+    # skip-error targets, read a batch at a time), so RAM holds one set of boundaries, not two.
+    with work_folder(work_root) as work:
         layers = execution.layers(loaded.model, adapter, work)
         torch.manual_seed(opts.seed)
         ctx = CompressionContext(loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers,
-                                 store=BoundaryStore(storage, work))
+                                 store=BoundaryStore(storage, work),
+                                 teacher_store=BoundaryStore("disk", work) if storage == "ram" else None)
         loop_started = time.perf_counter()
         if opts.refit:
             _ = ctx.cache  # the refit's targets are the original model's boundaries: capture them first
