@@ -223,6 +223,8 @@ def test_a_dense_model_loaded_from_a_gguf_exports_with_that_files_tokenizer(tmp_
                                "--out", str(source), "-q"]).exit_code == 0
     cached = cached_gguf(source)
     assert gguf_source_of(cached) == source.resolve()
+    (cached / GGUF_SOURCE_FILE).unlink()  # a conversion cached before the marker existed gets it on next use
+    assert cached_gguf(source) == cached and gguf_source_of(cached) == source.resolve()
     # The cached folder with a tokenizer.json the exporter cannot build fields from (not byte-level).
     folder = tmp_path / "dense"
     shutil.copytree(cached, folder)

@@ -152,20 +152,26 @@ def gguf_source_of(folder: Path) -> Path | None:
 
 def cached_gguf(path: Path) -> Path:
     """A .gguf as a plain HF folder (float32), converted once and cached like the default model."""
-    from ..outputs import atomic_folder, atomic_write_text
+    from ..outputs import atomic_folder
 
     target = _gguf_cache_folder(path)
-    marker = json.dumps({"gguf": str(path.resolve())})
     if (target / "config.json").is_file():
-        if not (target / GGUF_SOURCE_FILE).is_file():  # a conversion cached before the marker existed
-            atomic_write_text(target / GGUF_SOURCE_FILE, marker, what="cache")
+        _mark_gguf_source(target, path)
         return target
     model, tokenizer = _from_gguf(path, torch.float32)
     with atomic_folder(target, first_wins=True) as tmp:  # another process may cache it first: theirs is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (Path(tmp) / GGUF_SOURCE_FILE).write_text(marker)
+        (Path(tmp) / GGUF_SOURCE_FILE).write_text(json.dumps({"gguf": str(path.resolve())}))
     return target
+
+
+def _mark_gguf_source(folder: Path, gguf: Path) -> None:
+    """Give a conversion cached before the marker existed its marker."""
+    from ..outputs import atomic_write_text
+
+    if not (folder / GGUF_SOURCE_FILE).is_file():
+        atomic_write_text(folder / GGUF_SOURCE_FILE, json.dumps({"gguf": str(Path(gguf).resolve())}), what="cache")
 
 
 def gemma3_270m_gguf() -> Path:
@@ -218,6 +224,7 @@ def builtin_source(name: str) -> tuple[Path, dict]:
         # A readable name; a concurrent run may have made it already.
         if not publish_folder(converted, target, first_wins=True) and not (target / "config.json").is_file():
             raise ModelLoadError(f"the cache folder {target} exists but holds no model; remove it and try again")
+    _mark_gguf_source(target, gguf)
     return target, {"name": folder_name, "kind": "default" if name == DEFAULT_MODEL else "builtin",
                     "builtin": name, "path": str(target), "gguf": str(gguf), "dtype": GGUF_SAVE_DTYPE}
 
