@@ -30,7 +30,8 @@ def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern))
 
 
-def hf_decode(folder: Path, new_tokens: int, repeats: int) -> tuple[float, list[int]]:
+def hf_decode(folder: Path, new_tokens: int, repeats: int) -> tuple[float, list[int], list[int]]:
+    """(best tokens/s, greedy continuation, the prompt's ids as transformers' tokenizer gives them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -44,14 +45,15 @@ def hf_decode(folder: Path, new_tokens: int, repeats: int) -> tuple[float, list[
             start = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             best = max(best, new_tokens / (time.perf_counter() - start))
-    return best, tokens
+    return best, tokens, ids[0].tolist()
 
 
-def llama_cpp_decode(gguf: Path, new_tokens: int, repeats: int, threads: int) -> tuple[float, list[int]]:
+def llama_cpp_decode(gguf: Path, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> tuple[float, list[int]]:
+    """(best tokens/s, greedy continuation) of `prompt`: the same ids transformers was given (its tokenizer
+    adds a BOS for Gemma and none for SmolLM2), so that the two continuations can be compared token by token."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=threads, verbose=False, seed=0)
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=False)
     tokens = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):  # greedy, to the end of sequence
         tokens.append(int(token))
@@ -112,12 +114,12 @@ def main() -> None:
         rows[name]["hf_tokens_per_s"] = 0.0
     for _ in range(args.repeats):
         for name, folder in models.items():
-            speed, tokens = hf_decode(folder, args.new_tokens, 1)
+            speed, tokens, prompt = hf_decode(folder, args.new_tokens, 1)
             rows[name]["hf_tokens_per_s"] = max(rows[name]["hf_tokens_per_s"], speed)
             rows[name]["hf_tokens"] = tokens
             if llama_version:
                 for qtype, entry in rows[name]["gguf"].items():
-                    speed, cpp_tokens = llama_cpp_decode(Path(entry["file"]), args.new_tokens, 1, threads)
+                    speed, cpp_tokens = llama_cpp_decode(Path(entry["file"]), prompt, args.new_tokens, 1, threads)
                     entry["llama_cpp_tokens_per_s"] = max(entry.get("llama_cpp_tokens_per_s", 0.0), speed)
                     entry["same_greedy_tokens_as_hf"] = cpp_tokens == tokens
                     entry["first_divergence"] = next((i for i, (a, b) in enumerate(zip(cpp_tokens, tokens)) if a != b),
