@@ -31,8 +31,8 @@ def test_permutation_is_the_inverse_of_transformers_reverse():
 
 
 @pytest.mark.parametrize("qtype", sorted(TOLERANCE))
-def test_export_round_trips_through_transformers(tiny_dir, tmp_path, qtype):
-    out = tmp_path / f"m-{qtype}.gguf"
+def test_export_round_trips_through_transformers(small_llama_dir, tmp_path, qtype):
+    tiny_dir, out = small_llama_dir, tmp_path / f"m-{qtype}.gguf"
     result = runner.invoke(app, ["export-gguf", str(tiny_dir), "--out", str(out), "--type", qtype])
     assert result.exit_code == 0, result.output
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -57,15 +57,36 @@ def _saved(path, tokenizer, family, q_scale=1.0, **overrides):
 
 
 @pytest.fixture(scope="module")
-def qwen_dirs(tmp_path_factory, smollm2_tokenizer):
+def small_tokenizer():
+    """A byte-level BPE tokenizer of a few hundred tokens, trained here: the round trips test the weights and
+    hyper-parameters, and a 49,152-token vocabulary makes every GGUF write and read take seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Layers merge into one layer."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def small_llama_dir(tmp_path_factory, small_tokenizer):
+    return _saved(tmp_path_factory.mktemp("llama") / "model", small_tokenizer, "llama", num_hidden_layers=6)
+
+
+@pytest.fixture(scope="module")
+def qwen_dirs(tmp_path_factory, small_tokenizer):
     root = tmp_path_factory.mktemp("qwen")
     # Odd layer counts, as a compressed model has. Qwen3 gets an explicit head_dim (4 x 128 != 64), as the
     # real ones do; 128 because transformers' GGUF reader ignores qwen3.attention.key_length and falls
     # back to Qwen3Config's default 128. tiny_model randomises the Qwen2 q/k/v biases; Qwen2's larger
     # queries make its attention far from uniform, so a wrong q/k row order shows in the logits
     # (Qwen3's q/k norms already do that).
-    return {"qwen2": _saved(root / "qwen2", smollm2_tokenizer, "qwen2", q_scale=16.0, num_hidden_layers=3),
-            "qwen3": _saved(root / "qwen3", smollm2_tokenizer, "qwen3", num_hidden_layers=5, head_dim=128)}
+    return {"qwen2": _saved(root / "qwen2", small_tokenizer, "qwen2", q_scale=16.0, num_hidden_layers=3),
+            "qwen3": _saved(root / "qwen3", small_tokenizer, "qwen3", num_hidden_layers=5, head_dim=128)}
 
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
@@ -116,19 +137,19 @@ def _gemma3(path, tokenizer, **overrides):
 
 
 @pytest.fixture(scope="module")
-def gemma3_dirs(tmp_path_factory, smollm2_tokenizer):
+def gemma3_dirs(tmp_path_factory, small_tokenizer):
     """A tiny Gemma 3 with the original pattern, and one merged by come (6 -> 4 layers) whose pattern is its own."""
     import come
     from come.engine.models import LoadedModel
 
     root = tmp_path_factory.mktemp("gemma3")
-    plain = _gemma3(root / "plain", smollm2_tokenizer)
-    source = tiny_model("gemma3", vocab_size=len(smollm2_tokenizer), num_hidden_layers=6, head_dim=256,
+    plain = _gemma3(root / "plain", small_tokenizer)
+    source = tiny_model("gemma3", vocab_size=len(small_tokenizer), num_hidden_layers=6, head_dim=256,
                         query_pre_attn_scalar=256, layer_types=period6(6))
-    tokens = torch.randint(0, len(smollm2_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, len(small_tokenizer), (4, 32), generator=torch.Generator().manual_seed(1))
     come.compress(LoadedModel(source, None, {"name": "tiny-gemma3"}), target_layers=4, method="come", tokens=tokens,
                   out=root / "merged", progress=False, batch_size=4)
-    smollm2_tokenizer.save_pretrained(root / "merged")
+    small_tokenizer.save_pretrained(root / "merged")
     return {"plain": plain, "merged": root / "merged"}
 
 
@@ -206,7 +227,7 @@ def test_only_byte_level_tokenizers_are_built_from_files(tmp_path, smollm2_token
     _assert_refused(result, tmp_path, "not byte-level")
 
 
-def test_a_dense_model_loaded_from_a_gguf_exports_with_that_files_tokenizer(tmp_path, smollm2_tokenizer, monkeypatch):
+def test_a_dense_model_loaded_from_a_gguf_exports_with_that_files_tokenizer(tmp_path, small_tokenizer, monkeypatch):
     """A model converted from a .gguf is cached with a marker naming the file; exporting the cached folder
     copies that file's tokenizer fields, even when transformers rebuilt the tokenizer in a form the
     exporter does not convert (Gemma 3's)."""
@@ -214,13 +235,17 @@ def test_a_dense_model_loaded_from_a_gguf_exports_with_that_files_tokenizer(tmp_
     import shutil
 
     from gguf import GGUFReader
+    from transformers import AutoTokenizer
 
+    from come.engine import models
     from come.engine.models import GGUF_SOURCE_FILE, cached_gguf, gguf_source_of
 
     monkeypatch.setenv("COME_CACHE", str(tmp_path / "cache"))
-    source = tmp_path / "src.gguf"
-    assert runner.invoke(app, ["export-gguf", str(_saved(tmp_path / "m", smollm2_tokenizer, "llama")),
-                               "--out", str(source), "-q"]).exit_code == 0
+    source, saved = tmp_path / "src.gguf", _saved(tmp_path / "m", small_tokenizer, "llama")
+    assert runner.invoke(app, ["export-gguf", str(saved), "--out", str(source), "-q"]).exit_code == 0
+    # transformers' own GGUF reading (its tokenizer conversion takes most of a minute) is not under test here.
+    monkeypatch.setattr(models, "_from_gguf", lambda path, dtype: (
+        AutoModelForCausalLM.from_pretrained(saved, dtype=dtype), AutoTokenizer.from_pretrained(saved)))
     cached = cached_gguf(source)
     assert gguf_source_of(cached) == source.resolve()
     (cached / GGUF_SOURCE_FILE).unlink()  # a conversion cached before the marker existed gets it on next use
