@@ -24,15 +24,31 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    """A byte-level BPE tokenizer of a few hundred tokens, trained here in milliseconds: for tiny models whose
+    tests do not need SmolLM2's 49,152-token vocabulary (it makes every logit, loss and GGUF field large)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Layers merge into one layer."] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer):
-    """A 6-layer tiny Llama saved with the real SmolLM2 tokenizer (a model folder the CLI can read).
+def tiny_dir(tmp_path_factory, small_tokenizer):
+    """A 6-layer tiny Llama saved with a small byte-level BPE tokenizer (a model folder the CLI can read).
     One per module: copy it before damaging it."""
     from come.testing import tiny_model
 
     path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama", vocab_size=len(smollm2_tokenizer), num_hidden_layers=6).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
+    tiny_model("llama", vocab_size=len(small_tokenizer), num_hidden_layers=6).save_pretrained(path)
+    small_tokenizer.save_pretrained(path)
     return path
 
 

@@ -57,22 +57,6 @@ def _saved(path, tokenizer, family, q_scale=1.0, **overrides):
 
 
 @pytest.fixture(scope="module")
-def small_tokenizer():
-    """A byte-level BPE tokenizer of a few hundred tokens, trained here: the round trips test the weights and
-    hyper-parameters, and a 49,152-token vocabulary makes every GGUF write and read take seconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog.", "Layers merge into one layer."] * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-
-
-@pytest.fixture(scope="module")
 def small_llama_dir(tmp_path_factory, small_tokenizer):
     return _saved(tmp_path_factory.mktemp("llama") / "model", small_tokenizer, "llama", num_hidden_layers=6)
 

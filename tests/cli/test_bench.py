@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     args = [
-        "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco,shortgpt+refit:shortgpt", "--ratios", "0.005,0.01",  # one layer is ~0.5% of this tiny model
+        "bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,shortgpt,laco,shortgpt+refit:shortgpt", "--ratios", "0.14,0.28",  # one layer is ~14% of this tiny model
         "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4",
         "--set", "laco.merge_size=3", "--set", "shortgpt+refit.refit=true", "-q",
     ]
@@ -23,7 +23,7 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
     assert len(rows) == 1 + 4 * 2
     assert {r["method"] for r in rows} == {"dense", "come", "shortgpt", "laco", "shortgpt+refit"}
     # A labelled variant runs its base method with its own options.
-    variant = json.loads((out / "cells" / "shortgpt+refit-r0.01.json").read_text())
+    variant = json.loads((out / "cells" / "shortgpt+refit-r0.28.json").read_text())
     assert variant["settings"]["method"] == "shortgpt" and variant["settings"]["options"]["refit"] is True
     assert all("refit" in layer for layer in variant["plan_layers"] if len(layer["covers"]) > 1)
     assert all(r["layer_passes"] > 0 for r in rows if r["method"] != "dense")
@@ -35,16 +35,16 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("skipped") == 9
     table = (out / "results.md").read_text()
-    assert "Partial table" not in table and "- ratio 0.01 (4 methods): lowest wikipedia perplexity: **" in table
+    assert "Partial table" not in table and "- ratio 0.28 (4 methods): lowest wikipedia perplexity: **" in table
 
     # --report-only computes nothing: the cells of a new method are listed as not run.
     only = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come,sleb", "--ratios",
-                               "0.005,0.01", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32",
+                               "0.14,0.28", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32",
                                "--tasks", "none", "--nsamples", "4", "--report-only", "-q"])
     assert only.exit_code == 0, only.output
     assert not list((out / "cells").glob("sleb-*")) and "[bench] sleb" not in only.output
     table = (out / "results.md").read_text()
-    assert "**Partial table**: 2 cell(s) of the command not run yet: sleb-r0.005, sleb-r0.01." in table
+    assert "**Partial table**: 2 cell(s) of the command not run yet: sleb-r0.14, sleb-r0.28." in table
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 3
 
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--set", "laco.nope=1"])
@@ -54,17 +54,16 @@ def test_bench_runs_cells_and_resumes(tiny_dir, tmp_path):
 def test_bench_distilled_cells_reuse_the_compressed_model(tiny_dir, tmp_path):
     out = tmp_path / "bench"
     args = [
-        "bench", str(tiny_dir), "--out", str(out), "--methods", "come,shortgpt", "--ratios", "0.01",
+        "bench", str(tiny_dir), "--out", str(out), "--methods", "come,shortgpt", "--ratios", "0.28",
         "--ppl", "wikipedia", "--ppl-max-tokens", "128", "--seqlen", "32", "--tasks", "none", "--nsamples", "4",
-        "--distill", "come", "--distill-set", "tokens=256", "--distill-set", "global_steps=1",
+        "--distill", "come,shortgpt", "--distill-set", "tokens=256", "--distill-set", "global_steps=1",
         "--distill-set", "batch_size=2", "-q",
     ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert result.output.count("[bench]") == 3  # two plain cells, one distilled, nothing compressed twice
-    assert not (out / "cells" / "shortgpt+distill-r0.01.json").exists()
-    for label in ("come",):
-        cell = json.loads((out / "cells" / f"{label}+distill-r0.01.json").read_text())
+    assert result.output.count("[bench]") == 4  # two plain cells, two distilled ones, nothing compressed twice
+    for label in ("come", "shortgpt"):
+        cell = json.loads((out / "cells" / f"{label}+distill-r0.28.json").read_text())
         assert cell["row"]["method"] == f"{label}+distill" and cell["row"]["compress_seconds"] is None
         assert cell["row"]["distill_seconds"] > 0 and cell["settings"]["distill"]["global_steps"] == 1
     assert not (out / "models").exists() or not any((out / "models").iterdir())
@@ -132,12 +131,12 @@ def test_a_method_entry_can_be_limited_to_some_ratios(tiny_dir, tmp_path):
     assert parse_method_spec("sleb-layers:drop@0.1/0.3").ratios == {0.1, 0.3}
     assert parse_method_spec("drop") == ("drop", "drop", None)
     out = tmp_path / "bench"
-    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt,x:drop@0.01",
-                                 "--ratios", "0.005,0.01", "--tasks", "none", "--set", "x.drop_layers=[1]",
+    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt,x:drop@0.28",
+                                 "--ratios", "0.14,0.28", "--tasks", "none", "--set", "x.drop_layers=[1]",
                                  "--report-only", "-q"])
     assert result.exit_code == 0, result.output
     table = (out / "results.md").read_text()
-    assert "not run yet: dense, shortgpt-r0.005, shortgpt-r0.01, x-r0.01." in table
+    assert "not run yet: dense, shortgpt-r0.14, shortgpt-r0.28, x-r0.28." in table
     bad = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,x:drop@a", "--tasks", "none"])
     assert_error_line(bad, "after @ must be numbers")
 

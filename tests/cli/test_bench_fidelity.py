@@ -33,11 +33,11 @@ def test_bench_rows_get_skill_kept_from_the_dense_row():
 
 def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path):
     out = tmp_path / "bench"
-    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come", "--ratios", "0.01", "--ppl", "wikipedia",
+    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come", "--ratios", "0.28", "--ppl", "wikipedia",
             "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    cell_file = out / "cells" / "come-r0.01.json"
+    cell_file = out / "cells" / "come-r0.28.json"
     cell = json.loads(cell_file.read_text())
     kl, top1 = cell["row"]["kl_wikipedia"], cell["row"]["top1_wikipedia"]
     assert kl > 0 and 0 <= top1 <= 1 and cell["evaluation"]["fidelity"]["wikipedia"]["kl"] == kl
@@ -72,10 +72,10 @@ def test_fill_kl_replays_a_deletion_only_plan_with_drop(tiny_dir, tmp_path, monk
     """A cell whose plan only deletes layers gets its model back from `drop` (no search rerun), with the
     same KL as when the cell was made; the recorded perplexity still guards that it is the same model."""
     out = tmp_path / "bench"
-    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt", "--ratios", "0.01", "--ppl",
+    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,shortgpt", "--ratios", "0.28", "--ppl",
             "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
     assert runner.invoke(app, args).exit_code == 0
-    cell_file = out / "cells" / "shortgpt-r0.01.json"
+    cell_file = out / "cells" / "shortgpt-r0.28.json"
     made = json.loads(cell_file.read_text())
     assert any(len(layer["covers"]) > 1 for layer in made.get("plan_layers", [])), made["row"]  # it deleted layers
     kl = made["row"]["kl_wikipedia"]
