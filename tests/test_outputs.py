@@ -166,3 +166,20 @@ def test_a_gguf_source_is_saved_as_bfloat16(tmp_path, monkeypatch):
     assert result.plan["save_dtype"] == {"dtype": "bfloat16", "why": "the source is a quantised GGUF"}
     assert {p.dtype for p in AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").parameters()} == {torch.bfloat16}
 
+
+
+def test_in_memory_compression_runs_without_a_writable_work_folder(tmp_path, read_only):
+    """The work folder is where replaced original-model boundaries go; an in-memory run with RAM storage that
+    cannot make one keeps them in RAM, and picks exactly what it picks with the folder."""
+    import come
+    from come.engine.models import LoadedModel
+    from come.testing import tiny_model, tiny_tokens
+
+    def run(cache_dir):
+        result = come.compress(LoadedModel(tiny_model("llama", seed=4, num_hidden_layers=6), None, {}), target_layers=4,
+                               tokens=tiny_tokens(nsamples=8, seqlen=16), progress=False, batch_size=4,
+                               activation_storage="ram", cache_dir=str(cache_dir))
+        return [(layer["covers"], (layer.get("refit") or {}).get("damping")) for layer in result.plan["layers"]]
+
+    with read_only(tmp_path / "ro") as ro:
+        assert run(ro / "work") == run(tmp_path / "work")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,13 +283,20 @@ def compress(
     # Disk storage works in a private folder (under --cache-dir if given), removed at the end.
     work_root = Path(opts.cache_dir).expanduser() if opts.cache_dir else models_mod.cache_dir() / "work"
     # With boundaries in RAM, the original model's ones that later steps replace move to disk (refit and
-    # skip-error targets, read a batch at a time), so RAM holds one set of boundaries, not two.
-    with work_folder(work_root) as work:
+    # skip-error targets, read a batch at a time), so RAM holds one set of boundaries, not two. Only an
+    # in-memory run with RAM storage can do without the folder: it then keeps them in RAM.
+    try:
+        workspace = work_folder(work_root)
+    except OSError:
+        if storage != "ram" or execution.layerwise:
+            raise
+        workspace = nullcontext()
+    with workspace as work:
         layers = execution.layers(loaded.model, adapter, work)
         torch.manual_seed(opts.seed)
         ctx = CompressionContext(loaded.model, loaded.tokenizer, adapter, tokens, opts, layers=layers,
                                  store=BoundaryStore(storage, work),
-                                 teacher_store=BoundaryStore("disk", work) if storage == "ram" else None)
+                                 teacher_store=BoundaryStore("disk", work) if storage == "ram" and work else None)
         loop_started = time.perf_counter()
         if opts.refit:
             _ = ctx.cache  # the refit's targets are the original model's boundaries: capture them first
