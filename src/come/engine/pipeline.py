@@ -126,8 +126,8 @@ class CompressionContext:
 
     def refresh(self, start: int) -> None:
         # Lazy: the next score recomputes; the reference mode reruns every layer.
+        self.cache.release_teacher(r["covers"] for r in self.records)  # first: a released one is not moved to disk
         self.cache.invalidate_from(start if self.options.incremental else 0)
-        self.cache.release_teacher(r["covers"] for r in self.records)
 
     def protected(self, k: int) -> bool:
         """Current layer k stands for one of the first `protect_first` original layers."""
