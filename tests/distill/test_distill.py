@@ -329,22 +329,29 @@ def test_held_out_rows_split_off_a_tokens_tensor_are_never_trained_on(setup, tmp
 
 
 # -- LoRA ---------------------------------------------------------------------------
-def test_lora_merge_equals_the_adapter_applied_model():
+@pytest.mark.parametrize("family, vectors", [("llama", False), ("qwen2", True)])
+def test_lora_merge_equals_the_adapter_applied_model(family, vectors):
     from peft import LoraConfig, get_peft_model
 
     from come.distill.stage2 import lora_merged_weights
 
     torch.manual_seed(0)
-    model = tiny_model("llama")
-    plain = tiny_model("llama")
+    model = tiny_model(family)
+    plain = tiny_model(family)
     plain.load_state_dict(model.state_dict())
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
     get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))  # B != 0
+    # --lora-vectors: norm gains and (qwen2's attention) biases trained in full beside the adapters
+    trained = [n for n, p in model.named_parameters() if p.dim() == 1] if vectors else []
+    with torch.no_grad():
+        for n in trained:
+            dict(model.named_parameters())[n].add_(0.1 * torch.randn_like(dict(model.named_parameters())[n]))
+    assert not vectors or any(".base_layer.bias" in n for n in trained)  # a wrapped map's bias is renamed back
     x = tiny_tokens(nsamples=2, seqlen=16, seed=5)
     with torch.no_grad():
         adapted = model(x).logits
-        merged = lora_merged_weights(model)
-        assert len(merged) == len(targets)
+        merged = lora_merged_weights(model, trained)
+        assert len(merged) == len(targets) + len(trained) and set(merged) <= set(plain.state_dict())
         plain_before = plain(x).logits
         plain.load_state_dict(merged, strict=False)
         after = plain(x).logits
@@ -368,6 +375,22 @@ def test_lora_distillation_writes_a_plain_checkpoint_and_resumes_identically(set
     resumed = distill(compressed, tmp_path / "resumed", resume=True, **run)
     assert resumed["selection"]["candidates"] == whole["selection"]["candidates"]
     assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_lora_vectors_train_norm_gains_beside_the_adapters(setup, tmp_path):
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_steps": 4, "global_lr": 1e-2,
+           "batch_size": 4, "lora": 4, "progress": False}
+    out = distill(compressed, tmp_path / "out", lora_vectors=True, **run)
+    assert out["selection"]["chosen"] == "stage2"
+    w, w0 = weights(tmp_path / "out"), weights(compressed)
+    moved = {k for k in w if not torch.equal(w[k], w0[k])}
+    assert "model.norm.weight" in moved and any(k.endswith("layernorm.weight") for k in moved)
+    assert all(k.endswith(("proj.weight", "norm.weight")) for k in moved)
+    assert _heldout_kl(teacher_dir, tmp_path / "out") == pytest.approx(out["selection"]["kl_after"], rel=1e-4)
+    with pytest.raises(DistillError, match="--lora-vectors .* needs --lora"):
+        distill(compressed, tmp_path / "bad", lora_vectors=True, **{**run, "lora": 0})
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
 def test_lora_rank_not_below_the_layer_width_is_refused_before_work(setup, tmp_path):

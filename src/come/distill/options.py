@@ -61,6 +61,8 @@ class DistillOptions:
                          "their weights; merged into the weights at the end (a standard checkpoint). 0: train the "
                          "weights themselves (then use --global-lr near 1e-4).", min=0)
     lora_alpha: float = _opt(0.0, "LoRA alpha (scale alpha/R); 0 means 2 x R.", min=0.0)
+    lora_vectors: bool = _opt(False, "Stage 2 with --lora: also train the trainable layers' 1-D parameters (norm gains, "
+                                     "biases) and the final norm's gain in full; they are few and are saved as they are.")
     # held-out fidelity (KL to the teacher): judged before training, after stage 1, every eval_every stage-2 steps
     # and at the end; the output is the best of these, the input model itself when training did not help
     heldout_tokens: int = _opt(4096, "Held-out tokens (whole windows of --seqlen, never trained on) on which the KL "
@@ -106,6 +108,9 @@ def _check_options(o: DistillOptions) -> None:
         raise DistillError(f"--eval-every must be an integer >= 0, got {o.eval_every!r}")
     if not isinstance(o.lora, int) or o.lora < 0 or o.lora_alpha < 0:
         raise DistillError(f"--lora must be an integer >= 0 and --lora-alpha >= 0, got {o.lora!r} and {o.lora_alpha!r}")
+    if o.lora_vectors and not o.lora:
+        raise DistillError("--lora-vectors trains norm gains and biases beside LoRA adapters and needs --lora > 0 "
+                           "(without adapters, --train chooses the weights trained)")
     if o.lora and o.fsdp:
         raise DistillError("--fsdp shards the weights stage 2 trains, and LoRA adapters (--lora, on by default) are not sharded: "
                            "pass --lora 0 with --fsdp")

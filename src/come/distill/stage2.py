@@ -51,7 +51,12 @@ def _stage2_parameters(student: nn.Module, job: _Job) -> list[tuple[str, nn.Para
     prefix = adapter_for(student.config).layers_path
     chosen = tuple(f"{prefix}.{k}." for k in _stage2_layers(job))
     if job.options.lora:
-        return _add_lora(student, chosen, job)
+        adapters = _add_lora(student, chosen, job)
+        if not job.options.lora_vectors:
+            return adapters
+        final_norm = adapter_for(student.config).final_norm_path + "."
+        vectors = [(n, p) for n, p in student.named_parameters() if p.dim() == 1 and "lora_" not in n and n.startswith(chosen + (final_norm,))]
+        return adapters + vectors
     return [(n, p) for n, p in student.named_parameters() if n.startswith(chosen)]
 
 
@@ -68,8 +73,9 @@ def _add_lora(student: nn.Module, prefixes: tuple[str, ...], job: _Job) -> list[
 
 
 @torch.no_grad()
-def lora_merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name of an adapted weight in the plain model: base weight + its LoRA delta}: what merging writes."""
+def lora_merged_weights(model: nn.Module, trained: list[str] = ()) -> dict[str, torch.Tensor]:
+    """{name of an adapted weight in the plain model: base weight + its LoRA delta}: what merging writes; plus the
+    parameters named in `trained` (trained in full beside the adapters), under their names in the plain model."""
     from peft.tuners.lora import LoraLayer
 
     merged = {}
@@ -78,6 +84,10 @@ def lora_merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             base = module.get_base_layer()
             delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
             merged[f"{name}.weight"] = (base.weight + delta).detach().cpu().contiguous()
+    params = dict(model.named_parameters())
+    for name in trained:
+        if "lora_" not in name:  # a wrapped layer's own bias sits under `base_layer` in the adapted model
+            merged[name.replace(".base_layer.", ".")] = params[name].detach().cpu().clone()
     return merged
 
 
@@ -223,7 +233,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
                 result = check(job, teacher, student, "stage2", progress["step"], log=rank == 0)  # restores train()
                 if result["kl"] < progress["best"]["kl"]:
                     progress["best"] = result
-                    kept = lora_merged_weights(student) if o.lora else _full_state(student, opt, names, fsdp, optimizer=False)[0]
+                    kept = lora_merged_weights(student, names) if o.lora else _full_state(student, opt, names, fsdp, optimizer=False)[0]
                     if rank == 0:
                         _save_atomic(kept, best_file)
             if progress["step"] % o.save_every == 0 and progress["step"] < o.global_steps and (rank == 0 or fsdp):
