@@ -161,8 +161,7 @@ def held_out_path(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, dampi
 
 
 def _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, dampings) -> dict:
-    path = _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0)
-    return {d: path(d) for d in dampings}
+    return _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0).scores(dampings)
 
 
 class _HeldOutPath:
@@ -176,6 +175,9 @@ class _HeldOutPath:
     def __call__(self, damping: float) -> float:
         delta = _solve_shifted(self.fit.xtx, float(damping) * self.scale, self.r, self.work)
         return self.held_error0 + float(2 * (delta * self.g).sum() + (delta * (self.held.xtx @ delta)).sum())
+
+    def scores(self, dampings) -> dict:
+        return {d: self(d) for d in dampings}
 
 
 def lowest_on_grid(score, grid, start: int | None = None) -> tuple[float, dict]:
@@ -240,7 +242,7 @@ def choose_and_solve(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, da
     elif damping in ("auto", "grid"):
         path = _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0)
         if damping == "grid":
-            scores = {d: path(d) for d in DAMPING_GRID}
+            scores = path.scores(DAMPING_GRID)
             damping_value = min(DAMPING_GRID, key=lambda d: (scores[d], -d))  # ties: the stronger damping
         else:
             damping_value, scores = lowest_on_grid(path, DAMPING_GRID)
