@@ -90,8 +90,10 @@ def write_tables(results: Path, rows: list[dict], command: str) -> None:
         w.writerows(rows)
     lines = [
         "# Recovery ablation on SmolLM2-135M (come-search, ratio 0.3)", "",
-        f"Command: `{command}`  ",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.  ",
+        "Each cell: `python bench/recovery_smollm2.py COMPRESSED --configs CONFIG --steps STEPS --batch-size BATCH --quiet` "
+        "(tokens = steps x batch x 512), in its own invocation; the table lists every finished cell and was written by "
+        f"`{command}`.  ",
+        f"Machine: {platform.machine()}, torch {torch.__version__}, table written {time.strftime('%Y-%m-%d')}.  ",
         "KL: mean per-token KL(dense || student) in nats on come distill's held-out windows (Wikipedia calib split, never "
         "trained on). `chosen`: what the run returned (the lowest held-out KL among the input and every check). cpu_s: "
         "process CPU time (all threads).", "",
@@ -103,7 +105,9 @@ def write_tables(results: Path, rows: list[dict], command: str) -> None:
         lines.append(f"| {r['config']} | {opts} | {r['training_tokens']} | {r.get('batch_size', 2)} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['kl_drop_pct']:.1f} | "
                      f"{r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['chosen']} | {r['wall_s']} | {r['cpu_s']} | "
                      f"{r['kl_drop_pct_per_cpu_min']:.2f} |")
-    results.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    md = results.with_suffix(".md")
+    notes = md.read_text().partition("\n## Notes")[1:] if md.is_file() else ("", "")  # hand-written notes survive a rewrite
+    md.write_text("\n".join(lines) + "\n" + "".join(notes))
 
 
 def main() -> None:
@@ -126,7 +130,6 @@ def main() -> None:
     cells = args.results.parent / (args.results.name + "_cells")
     cells.mkdir(parents=True, exist_ok=True)
     command = "python " + " ".join(sys.argv)
-    rows = []
     for name in args.configs.split(","):
         # batch sizes other than the first ablation's 2 are part of the cell's name
         cell = cells / (f"{name}-t{args.steps * args.batch_size * args.seqlen}" + (f"-b{args.batch_size}" if args.batch_size != 2 else "") + ".json")
@@ -134,7 +137,9 @@ def main() -> None:
             row = run_config(name, args.compressed, args.work, args)
             cell.write_text(json.dumps(row, indent=1))
             print(f"{name}: KL {row['kl_before']:.4f} -> {row['kl_after']:.4f} ({row['kl_drop_pct']:.1f}%), {row['cpu_s']} CPU-s", flush=True)
-        rows.append(json.loads(cell.read_text()))
+        # The table: every finished cell (earlier invocations' too), by budget, then name.
+        rows = [json.loads(c.read_text()) for c in cells.glob("*.json")]
+        rows.sort(key=lambda r: (r["training_tokens"], r["config"], r.get("batch_size", 2)))
         write_tables(args.results, rows, command)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
 
