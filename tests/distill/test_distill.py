@@ -343,9 +343,10 @@ def test_lora_merge_equals_the_adapter_applied_model(family, vectors):
     get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))  # B != 0
     # --lora-vectors: norm gains and (qwen2's attention) biases trained in full beside the adapters
     trained = [n for n, p in model.named_parameters() if p.dim() == 1] if vectors else []
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for n in trained:
-            dict(model.named_parameters())[n].add_(0.1 * torch.randn_like(dict(model.named_parameters())[n]))
+            params[n].add_(0.1 * torch.randn_like(params[n]))
     assert not vectors or any(".base_layer.bias" in n for n in trained)  # a wrapped map's bias is renamed back
     x = tiny_tokens(nsamples=2, seqlen=16, seed=5)
     with torch.no_grad():

@@ -157,11 +157,7 @@ def held_out_path(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, dampi
     """
     w0t = w0.to(fit.xtx.device, torch.float64).T
     held_w0 = held_out.xtx @ w0t
-    return _held_out_path(fit, held_out, w0t, fit.xtx @ w0t, held_w0, _error_with(held_out, w0t, held_w0), dampings)
-
-
-def _held_out_path(fit, held_out, w0t, fit_w0, held_w0, held_error0, dampings) -> dict:
-    return _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0).scores(dampings)
+    return _HeldOutPath(fit, held_out, w0t, fit.xtx @ w0t, held_w0, _error_with(held_out, w0t, held_w0)).scores(dampings)
 
 
 class _HeldOutPath:

@@ -48,14 +48,14 @@ def _stage2_layers(job: _Job) -> list[int]:
 def _stage2_parameters(student: nn.Module, job: _Job) -> list[tuple[str, nn.Parameter]]:
     if job.options.train == "all" and not job.options.lora:
         return list(student.named_parameters())
-    prefix = adapter_for(student.config).layers_path
-    chosen = tuple(f"{prefix}.{k}." for k in _stage2_layers(job))
+    adapter = adapter_for(student.config)
+    chosen = tuple(f"{adapter.layers_path}.{k}." for k in _stage2_layers(job))
     if job.options.lora:
         adapters = _add_lora(student, chosen, job)
         if not job.options.lora_vectors:
             return adapters
-        final_norm = adapter_for(student.config).final_norm_path + "."
-        vectors = [(n, p) for n, p in student.named_parameters() if p.dim() == 1 and "lora_" not in n and n.startswith(chosen + (final_norm,))]
+        # LoRA's own matrices are 2-D: the 1-D parameters are the norm gains and the wrapped maps' biases
+        vectors = [(n, p) for n, p in student.named_parameters() if p.dim() == 1 and n.startswith(chosen + (f"{adapter.final_norm_path}.",))]
         return adapters + vectors
     return [(n, p) for n, p in student.named_parameters() if n.startswith(chosen)]
 
