@@ -167,6 +167,25 @@ def fit_law(cells: list[dict]) -> dict:
     return {"passes": a, "gram": b, "solve": c}
 
 
+def real_passes_per_layer(plan_steps: list[dict], scored: float) -> float:
+    """Whole-set layer passes per step and model layer for candidate losses and boundary updates, from where a
+    real plan's candidates sat. Random weights put every candidate near the last layers, so the synthetic
+    shapes undercount the passes a real model's mid-depth candidates make. A merge of window [s, s+1] runs
+    L - s - 1 layers on the scored sequences (`scored`: their share), a deletion of k with its refitted owner
+    L - k; the boundary update after the chosen change reruns every layer from its first changed position."""
+    per_step = []
+    for i, st in enumerate(plan_steps):
+        layers = st["layers_before"]
+        passes = sum((layers - c["window"][0] - 1) if c["op"] == "merge" else (layers - c["layer"])
+                     for c in st["candidates"]) * scored
+        if i:  # the previous step's boundary update, made lazily at the start of this one
+            prev = plan_steps[i - 1]["chosen"]
+            first = prev["window"][0] if prev["op"] == "merge" else max(prev["layer"] - 1, 0)
+            passes += layers - first
+        per_step.append(passes / layers)
+    return sum(per_step) / len(per_step)
+
+
 def predict(law: dict, work: dict) -> float:
     return law["passes"] * (work["passes"] + work["stats_passes"]) + law["gram"] * work["gram"] + law["solve"] * work["solve"]
 
@@ -181,6 +200,9 @@ def main() -> None:
     parser.add_argument("--workdir", default="~/.cache/come/bench-scale", help="where the synthetic checkpoints go")
     parser.add_argument("--results", default=str(HERE / "results" / "search_scale"))
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from the finished cells")
+    parser.add_argument("--real-plan", default=str(HERE / "results" / "smollm2_methods" / "cells" / "come-search-r0.3.json"),
+                        help="a method-table cell (or come_plan.json) of come-search on a real model: where its "
+                             "candidates sat sets the extrapolation's layer passes per step")
     parser.add_argument("--gpu-tflops", type=float, default=20.0,
                         help="assumed sustained TFLOP/s of one GPU (float32 passes and float64 solves alike) for the "
                              "extrapolation's GPU column; an assumption, not a measurement")
@@ -225,7 +247,8 @@ def report(args, cells_dir: Path) -> None:
     lines = [
         "# come-search: cost per search step against model shape (synthetic Llama weights)",
         "",
-        f"Command: `{_results.command_line()}`  ",
+        "Commands (each cell records its own; `--report-only` rewrote this table from the cells):",
+        *[f"`{cmd}`  " for cmd in dict.fromkeys(c.get("command", "") for c in cells)],
         f"Machine: {_results.machine(cells[0]['threads'])}. CPU seconds inside each search step of `come-search` "
         "(the default options), by kind of work; calibration as listed (the default is 128 x 128 Wikipedia tokens).",
         "",
@@ -249,11 +272,26 @@ def report(args, cells_dir: Path) -> None:
             lines.append(f"| {row['shape']} | {row['calibration']} | {i} | {row['layers']} | {row['cpu_s']} | {row['losses_s']} | "
                          f"{row['boundaries_s']} | {row['refit_stats_s']} ({row['refits']}) | {row['solves_s']} ({row['solves']}) | "
                          f"{row['other_s']} | {row['predicted_s']} |")
+    lines += ["", "Per shape: the child's whole CPU time, what it spent before the first step (model load and the "
+              "calibration pass), and its peak RSS.", "",
+              "| shape | parameters (M) | steps timed | child CPU s | before the first step CPU s | peak RSS GB |",
+              "|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["shape"]["intermediate"], c["shape"]["hidden"], c["shape"]["layers"])):
+        s = c["shape"]
+        kv = s["hidden"] // s["heads"] * s["kv_heads"]
+        params = s["layers"] * (3 * s["hidden"] * s["intermediate"] + 2 * s["hidden"] ** 2 + 2 * s["hidden"] * kv) \
+            + 2 * c["vocab"] * s["hidden"]
+        before = c["cpu_seconds"] - sum(st["cpu_seconds"] for st in c["steps"])
+        lines.append(f"| {s['layers']}x{s['hidden']}x{s['intermediate']} | {params / 1e6:.0f} | {len(c['steps'])} | "
+                     f"{c['cpu_seconds']:.0f} | {before:.0f} | {c['peak_rss_gb']:.2f} |")
     steps = [(c, st) for c in cells for st in c["steps"]]
     per_layer = sum((st.get("losses_passes", 0.0) + st.get("boundaries_passes", 0.0)) / st["layers_before"]
                     for c, st in steps) / len(steps)
     counts = {k: sum(st.get(k, 0) for _, st in steps) / len(steps)
               for k in ("losses_calls", "refit_stats_calls", "refit_stats_passes", "solves")}
+    real = json.loads(Path(args.real_plan).read_text())
+    real_steps = real.get("plan_steps") or real.get("steps")
+    real_per_layer = real_passes_per_layer(real_steps, 16 / 128)
     lines += [
         "",
         "Columns: CPU s is the whole step. Candidate losses: the candidates run from their first changed layer to the "
@@ -276,10 +314,15 @@ def report(args, cells_dir: Path) -> None:
         f"(losses and updates), {counts['losses_calls']:.1f} candidate losses, {counts['refit_stats_calls']:.1f} refits, "
         f"{counts['solves']:.1f} solves.",
         "",
-        "**Extrapolation (not measured)**: one step by the law, with those counts per step, the default calibration "
-        "(16,384 tokens, 16 scored sequences) and this machine and thread count. The passes grow with layers x width^2, "
+        f"- on a real model the candidates sit mid-depth, not at the end as with random weights: in "
+        f"`{Path(args.real_plan).name}` ({len(real_steps)} steps of `come-search` on SmolLM2-135M) the candidate losses and "
+        f"boundary updates make {real_per_layer:.2f} whole-set layer passes per step and model layer.",
+        "",
+        "**Extrapolation (not measured)**: one step by the law, with the real plan's layer passes per layer, the "
+        "synthetic runs' candidate, refit and solve counts, the default calibration (16,384 tokens, 16 scored "
+        "sequences) and this machine and thread count. The passes grow with layers x width^2, "
         "the statistics with d_ffn^2, the solves with d_ffn^3. The GPU column divides the same FLOPs by an assumed "
-        "sustained rate (`--gpu-tflops`), with no launch or transfer overhead: a lower bound, not a measurement.",
+        "sustained rate (`--gpu-tflops`), with no launch or transfer overhead: an estimate, not a measurement.",
         "",
         "| model | layers | hidden | d_ffn | passes s | refit statistics s | refit solves s | per step s | per step min | "
         f"one GPU per step s (assumed {args.gpu_tflops:g} TFLOP/s) |",
@@ -289,7 +332,7 @@ def report(args, cells_dir: Path) -> None:
     for name, layers, hidden, ffn, heads, kv_heads, vocab in TARGETS:
         shape = {"layers": layers, "hidden": hidden, "intermediate": ffn, "heads": heads, "kv_heads": kv_heads}
         cell = {"calibration": [128, 128], "search_samples": 16, "vocab": vocab}
-        step = {"losses_passes": per_layer * layers, "losses_calls": counts["losses_calls"],
+        step = {"losses_passes": real_per_layer * layers, "losses_calls": counts["losses_calls"],
                 "refit_stats_calls": counts["refit_stats_calls"], "refit_stats_passes": counts["refit_stats_passes"],
                 "solves": counts["solves"]}
         work = step_flops(shape, step, cell)
@@ -301,7 +344,8 @@ def report(args, cells_dir: Path) -> None:
         lines.append(f"| {name} | {layers} | {hidden} | {ffn} | {p:.0f} | {g:.0f} | {v:.0f} | {p + g + v:.0f} | {(p + g + v) / 60:.1f} | "
                      f"{gpu:.2f} |")
     _results.write(args.results, lines, rows=csv_rows,
-                   data={"law": law, "per_layer_passes": per_layer, "counts": counts, "extrapolated": extrapolated})
+                   data={"law": law, "per_layer_passes": per_layer, "real_per_layer_passes": real_per_layer,
+                         "counts": counts, "extrapolated": extrapolated})
 
 
 if __name__ == "__main__":
