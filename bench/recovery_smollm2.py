@@ -40,6 +40,10 @@ CONFIGS = {
     "s2-lora16-kd-lr6e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 6e-3, "hidden_weight": 0.0},
     "s2-lora16-kd-lr1e-2": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 1e-2, "hidden_weight": 0.0},
     "s2-lora16v-kd-lr3e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_vectors": True, "global_lr": 3e-3, "hidden_weight": 0.0},
+    # the default (LoRA 16 at 3e-3, all layers) with shorter sequences, or with only some layers trained
+    "s2-lora16-kd-lr3e-3-seq256": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "seqlen": 256},
+    "s2-lora16-neighbours-kd-lr3e-3": {"layers": "none", "stage2": True, "train": "neighbours", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0},
+    "s2-lora16-merged-kd-lr3e-3": {"layers": "none", "stage2": True, "train": "merged", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0},
     "s2-lora64-kd-lr2e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 64, "global_lr": 2e-3, "hidden_weight": 0.0},
 }
 
