@@ -394,6 +394,36 @@ def test_lora_vectors_train_norm_gains_beside_the_adapters(setup, tmp_path):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
+def test_lora_plus_moves_the_b_matrices_at_its_multiple_of_the_rate(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from come.distill.common import _optimizer
+    from come.distill.options import DistillOptions
+    from come.distill.stage2 import parameter_groups
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))  # B != 0
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    before = [p.detach().clone() for p in params]
+    o = DistillOptions(lora=4, lora_plus=4.0, global_lr=1e-3, warmup=0.0, max_grad_norm=0.0)
+    opt, _ = _optimizer(parameter_groups(names, params, o), o.global_lr, o, total_steps=10)
+    model(tiny_tokens(nsamples=2, seqlen=16, seed=5)).logits.pow(2).mean().backward()
+    opt.step()
+    # Adam's first step moves every parameter with a gradient by its rate (times the sign of the gradient).
+    moved = {n: (p.detach() - b).abs().max().item() for n, p, b in zip(names, params, before, strict=True)}
+    assert all(v == pytest.approx(4e-3, rel=1e-3) for n, v in moved.items() if "lora_B" in n)
+    assert all(v == pytest.approx(1e-3, rel=1e-3) for n, v in moved.items() if "lora_A" in n)
+    assert parameter_groups(names, params, DistillOptions(lora=4)) is params  # the default: one group
+    _root, teacher_dir, compressed = setup
+    with pytest.raises(DistillError, match="--lora-plus .* needs --lora"):
+        distill(compressed, tmp_path / "bad", teacher=teacher_dir, tokens=TRAIN, heldout=HELD_OUT, lora=0, lora_plus=4.0,
+                progress=False)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
+
+
 def test_lora_rank_not_below_the_layer_width_is_refused_before_work(setup, tmp_path):
     _root, teacher_dir, compressed = setup
     # The tiny model's narrowest adapted map is k/v: 2 heads x 16 = 32 wide.

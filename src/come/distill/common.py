@@ -46,8 +46,9 @@ def _log(work: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _optimizer(params: list[nn.Parameter], lr: float, o: DistillOptions, total_steps: int):
-    """AdamW with linear warm-up over `warmup` of the steps, then cosine decay towards 0."""
+def _optimizer(params: list, lr: float, o: DistillOptions, total_steps: int):
+    """AdamW with linear warm-up over `warmup` of the steps, then cosine decay towards 0. `params`: parameters,
+    or parameter groups (dicts) of which one may carry its own peak "lr"."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=o.weight_decay)
     warm = round(o.warmup * total_steps)
 

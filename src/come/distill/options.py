@@ -63,6 +63,8 @@ class DistillOptions:
     lora_alpha: float = _opt(0.0, "LoRA alpha (scale alpha/R); 0 means 2 x R.", min=0.0)
     lora_vectors: bool = _opt(False, "Stage 2 with --lora: also train the trainable layers' 1-D parameters (norm gains, "
                                      "biases) and the final norm's gain in full; they are few and are saved as they are.")
+    lora_plus: float = _opt(1.0, "Stage 2 with --lora: the adapters' B matrices learn at this multiple of --global-lr "
+                                 "(LoRA+; B starts at zero); 1: one rate for A and B.")
     # held-out fidelity (KL to the teacher): judged before training, after stage 1, every eval_every stage-2 steps
     # and at the end; the output is the best of these, the input model itself when training did not help
     heldout_tokens: int = _opt(4096, "Held-out tokens (whole windows of --seqlen, never trained on) on which the KL "
@@ -111,6 +113,10 @@ def _check_options(o: DistillOptions) -> None:
     if o.lora_vectors and not o.lora:
         raise DistillError("--lora-vectors trains norm gains and biases beside LoRA adapters and needs --lora > 0 "
                            "(without adapters, --train chooses the weights trained)")
+    if not o.lora_plus > 0:
+        raise DistillError(f"--lora-plus must be a positive number, got {o.lora_plus!r}")
+    if o.lora_plus != 1 and not o.lora:
+        raise DistillError("--lora-plus sets the learning rate of LoRA adapters' B matrices and needs --lora > 0")
     if o.lora and o.fsdp:
         raise DistillError("--fsdp shards the weights stage 2 trains, and LoRA adapters (--lora, on by default) are not sharded: "
                            "pass --lora 0 with --fsdp")

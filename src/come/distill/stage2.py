@@ -72,6 +72,16 @@ def _add_lora(student: nn.Module, prefixes: tuple[str, ...], job: _Job) -> list[
     return [(n, p) for n, p in student.named_parameters() if "lora_" in n]
 
 
+def parameter_groups(names: list[str], params: list[nn.Parameter], o) -> list:
+    """What stage 2's optimizer trains: the parameters, or with --lora-plus two groups, the adapters' B matrices
+    (zero at the start) at `lora_plus` times the rate of the rest."""
+    if not (o.lora and o.lora_plus != 1):
+        return params
+    fast = [p for n, p in zip(names, params, strict=True) if "lora_B" in n]
+    rest = [p for n, p in zip(names, params, strict=True) if "lora_B" not in n]
+    return [{"params": rest}, {"params": fast, "lr": o.global_lr * o.lora_plus}]
+
+
 @torch.no_grad()
 def lora_merged_weights(model: nn.Module, trained: list[str] = ()) -> dict[str, torch.Tensor]:
     """{name of an adapted weight in the plain model: base weight + its LoRA delta}: what merging writes; plus the
@@ -169,7 +179,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
 
         net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     params = [dict(student.named_parameters())[n] for n in names]  # after sharding: FSDP's DTensor parameters
-    opt, sched = _optimizer(params, o.global_lr, o, o.global_steps)
+    opt, sched = _optimizer(parameter_groups(names, params, o), o.global_lr, o, o.global_steps)
     progress = {"step": 0, "losses": [], "best": {"step": 0, **selection["candidates"][start]}}
     if saved is not None:
         if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
