@@ -424,6 +424,34 @@ def test_lora_plus_moves_the_b_matrices_at_its_multiple_of_the_rate(setup, tmp_p
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
 
 
+def test_bf16_autocast_runs_the_forward_passes_in_bfloat16_and_keeps_float32_weights(setup, tmp_path, monkeypatch):
+    from come.distill import common
+
+    layer = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    with common.autocast_context(cpu, "on")():
+        assert layer(x).dtype == torch.bfloat16
+    with common.autocast_context(cpu, "off")():
+        assert layer(x).dtype == torch.float32
+    for native in (True, False):  # auto: on exactly where the device computes bfloat16 natively
+        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
+        with common.autocast_context(cpu, "auto")():
+            assert layer(x).dtype == (torch.bfloat16 if native else torch.float32)
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_steps": 4, "global_lr": 1e-2,
+           "batch_size": 4, "lora": 4, "progress": False}
+    on = distill(compressed, tmp_path / "on", autocast="on", **run)
+    off = distill(compressed, tmp_path / "off", autocast="off", **run)
+    assert on["selection"]["chosen"] == "stage2" and on["selection"]["kl_after"] < on["selection"]["kl_before"]
+    assert on["selection"]["kl_after"] != off["selection"]["kl_after"]  # the steps did run in another precision
+    assert all(t.dtype == torch.float32 for t in weights(tmp_path / "on").values())
+    # the held-out check is float32 either way: the chosen model's KL, measured again, is the one recorded
+    assert _heldout_kl(teacher_dir, tmp_path / "on") == pytest.approx(on["selection"]["kl_after"], rel=1e-4)
+    with pytest.raises(DistillError, match="--autocast must be one of off, on, auto"):
+        distill(compressed, tmp_path / "bad", autocast="fp8", **run)
+
+
 def test_lora_rank_not_below_the_layer_width_is_refused_before_work(setup, tmp_path):
     _root, teacher_dir, compressed = setup
     # The tiny model's narrowest adapted map is k/v: 2 heads x 16 = 32 wide.

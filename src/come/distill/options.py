@@ -9,6 +9,7 @@ from ..errors import ComeError
 METRICS_FILE = "metrics.jsonl"
 LOSSES = ("mse", "cosine", "kl")
 SELECTIONS = ("merged", "all")
+AUTOCAST = ("off", "on", "auto")
 TRAIN_CHOICES = ("merged", "neighbours", "all")  # stage 2: merged layers, those and the layers next to them, or all
 
 
@@ -83,6 +84,9 @@ class DistillOptions:
     weight_decay: float = _opt(0.0)
     max_grad_norm: float = _opt(1.0, "Gradient clipping; 0 disables it.")
     seed: int = _opt(0)
+    autocast: str = _opt("off", "Stage 2: forward passes under bfloat16 autocast (weights, optimizer and held-out checks "
+                                "stay float32): on | off | auto (on where the device computes bfloat16 natively: a CUDA GPU "
+                                "that supports it, or a CPU with AMX or AVX512-BF16).")
     dtype: str = _opt("float32", "Weight dtype: float32 | bfloat16 | float16.")
     device: str = _opt("cpu", "cpu | cuda | auto.")
     # run control: no effect on the result, so a resumed run may change them (workers: in stage 1)
@@ -97,7 +101,7 @@ _RUN_CONTROL = ("workers", "save_every", "progress")
 def _check_options(o: DistillOptions) -> None:
     from ..engine.models import DTYPES
 
-    choices = {"loss": LOSSES, "layers": SELECTIONS + ("none",), "train": TRAIN_CHOICES, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
+    choices = {"autocast": AUTOCAST, "loss": LOSSES, "layers": SELECTIONS + ("none",), "train": TRAIN_CHOICES, "cache_dtype": tuple(DTYPES), "dtype": tuple(DTYPES)}
     for name, allowed in choices.items():
         if getattr(o, name) not in allowed:
             raise DistillError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(o, name)!r}")

@@ -29,6 +29,7 @@ from .common import (
     _span,
     _step,
     _summarize,
+    autocast_context,
 )
 from .select import check, read_selection
 
@@ -203,6 +204,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
 
     hooks = [adapter.layers(student)[k].register_forward_hook(keep(s_out, k)) for k, _ in pairs]
     hooks += [adapter.layers(teacher)[j].register_forward_hook(keep(t_out, j)) for j in {j for _, j in pairs}]
+    precision = autocast_context(device, o.autocast)
     bar = tqdm(total=o.global_steps, initial=progress["step"], desc="stage 2", disable=not o.progress or rank > 0, leave=False)
     try:
         while progress["step"] < o.global_steps:
@@ -213,14 +215,15 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
             for a in range(o.grad_accum):
                 first_row = ((step * o.grad_accum + a) * world + rank) * o.batch_size
                 ids = tokens[_stage2_rows(tokens.shape[0], o.seed, first_row, o.batch_size)].to(device)
-                with torch.no_grad():
+                with torch.no_grad(), precision():
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                 sync = world == 1 or a == o.grad_accum - 1
                 if fsdp:
                     net.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
                 with contextlib.nullcontext() if sync or fsdp else net.no_sync():
-                    kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
-                    hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
+                    with precision():
+                        kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
+                        hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
                     loss = kd + o.hidden_weight * hidden
                     now = torch.stack([loss, kd, hidden]).detach()
                     if world > 1:
