@@ -180,6 +180,11 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     distilled = migrate_settings({**old, "distill": {"tokens": 256, "lora": 0}}, "come-search-512+distill")
     assert distilled["distill"]["tokens"] == 256 and distilled["distill"]["lora"] == 0
     assert distilled["distill"]["global_lr"] == DistillOptions().global_lr and "workers" not in distilled["distill"]
+    # made before --autocast existed: in float32, whatever today's default; as is a resolved cell without the key
+    assert distilled["distill"]["autocast"] == "off" != DistillOptions().autocast
+    without = {k: v for k, v in distilled["distill"].items() if k != "autocast"}
+    assert migrate_settings({**new, "distill": without}, "come-search-512+distill")["distill"] == distilled["distill"]
+    assert migrate_settings(distilled, "come-search-512+distill") == distilled
 
     out = tmp_path / "bench"
     (out / "cells").mkdir(parents=True)

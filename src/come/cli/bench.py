@@ -85,6 +85,11 @@ def distill_settings(given: dict) -> dict:
     return json.loads(json.dumps({"tokens": tokens, **resolved}))
 
 
+# Distillation options added after cells were made, with the value that reproduces what those cells ran:
+# stage 2 in float32 (the default is now bfloat16 autocast where the device has it natively).
+DISTILL_BEFORE = {"autocast": "off"}
+
+
 def migrate_settings(settings: dict, label: str) -> dict:
     """A cell's settings as `come bench` wrote them before cells were keyed by resolved options, in today's form.
 
@@ -94,6 +99,8 @@ def migrate_settings(settings: dict, label: str) -> dict:
     changed since (the old key could not tell; such cells were relabelled or pinned by hand). Settings in
     today's form are returned unchanged."""
     if "compress_options" not in settings:
+        if "distill" in settings:  # resolved before an option existed: that option's behaviour then
+            return {**settings, "distill": {**distill_settings(DISTILL_BEFORE), **settings["distill"]}}
         return settings
     old = dict(settings)
     bench_wide = {k: v for k, v in (old.pop("compress_options") or {}).items() if v is not None}
@@ -105,7 +112,7 @@ def migrate_settings(settings: dict, label: str) -> dict:
         old["method"] = base or method
         old["options"] = cell_options(old["method"], {**bench_wide, **own})
     if distill is not None:
-        old["distill"] = distill_settings(distill)
+        old["distill"] = distill_settings({**DISTILL_BEFORE, **distill})
     return old
 
 

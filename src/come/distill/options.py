@@ -84,9 +84,12 @@ class DistillOptions:
     weight_decay: float = _opt(0.0)
     max_grad_norm: float = _opt(1.0, "Gradient clipping; 0 disables it.")
     seed: int = _opt(0)
-    autocast: str = _opt("off", "Stage 2: forward passes under bfloat16 autocast (weights, optimizer and held-out checks "
-                                "stay float32): on | off | auto (on where the device computes bfloat16 natively: a CUDA GPU "
-                                "that supports it, or a CPU with AMX or AVX512-BF16).")
+    # auto by default: the same held-out KL per token as float32 at a fraction of the CPU time where bf16 is native
+    # (bench/results/recovery_smollm2.md)
+    autocast: str = _opt("auto", "Stage 2: forward passes under bfloat16 autocast (weights, optimizer and held-out checks "
+                                 "stay float32): auto (on where the device computes bfloat16 natively: a CUDA GPU that "
+                                 "supports it, or a CPU with AMX or AVX512-BF16; off elsewhere, where it would be slower) | "
+                                 "on | off.")
     dtype: str = _opt("float32", "Weight dtype: float32 | bfloat16 | float16.")
     device: str = _opt("cpu", "cpu | cuda | auto.")
     # run control: no effect on the result, so a resumed run may change them (workers: in stage 1)
