@@ -57,6 +57,7 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
     from come.distill import distill
 
     opts = dict(CONFIGS[name])
+    opts.setdefault("autocast", "off")  # float32 unless the config says otherwise, whatever the machine
     stage2 = opts.pop("stage2", False)
     seqlen = opts.pop("seqlen", args.seqlen)
     step_tokens = args.batch_size * seqlen
