@@ -88,12 +88,21 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
         "kl_drop_pct_per_cpu_min": 100 * (1 - sel["kl_after"] / sel["kl_before"]) / max(cpu / 60, 1e-9),
+        "cpu": cpu_kind(),
     }
+
+
+def cpu_kind() -> str:
+    """The CPU's vector unit as torch sees it, and whether it computes bfloat16 natively: seconds measured on
+    different CPUs do not compare."""
+    from come.distill.common import native_bf16
+
+    return torch.backends.cpu.get_cpu_capability() + (", native bf16" if native_bf16(torch.device("cpu")) else "")
 
 
 def write_tables(results: Path, rows: list[dict], command: str) -> None:
     cols = ["config", "training_tokens", "batch_size", "kl_before", "kl_after", "kl_drop_pct", "top1_before", "top1_after", "chosen", "wall_s", "cpu_s",
-            "kl_drop_pct_per_cpu_min"]
+            "kl_drop_pct_per_cpu_min", "cpu"]
     with open(results.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -106,15 +115,16 @@ def write_tables(results: Path, rows: list[dict], command: str) -> None:
         f"Machine: {platform.machine()}, torch {torch.__version__}, table written {time.strftime('%Y-%m-%d')}.  ",
         "KL: mean per-token KL(dense || student) in nats on come distill's held-out windows (Wikipedia calib split, never "
         "trained on). `chosen`: what the run returned (the lowest held-out KL among the input and every check). cpu_s: "
-        "process CPU time (all threads).", "",
-        "| config | options | tokens | batch | KL before | KL after | KL drop % | top-1 before | top-1 after | chosen | wall s | CPU s | KL drop % per CPU-min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "process CPU time (all threads). cpu: the machine's vector unit (cells recorded before this column ran on an "
+        "AVX2 machine); seconds compare only between cells of the same cpu.", "",
+        "| config | options | tokens | batch | KL before | KL after | KL drop % | top-1 before | top-1 after | chosen | wall s | CPU s | KL drop % per CPU-min | cpu |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items())
         lines.append(f"| {r['config']} | {opts} | {r['training_tokens']} | {r.get('batch_size', 2)} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['kl_drop_pct']:.1f} | "
                      f"{r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['chosen']} | {r['wall_s']} | {r['cpu_s']} | "
-                     f"{r['kl_drop_pct_per_cpu_min']:.2f} |")
+                     f"{r['kl_drop_pct_per_cpu_min']:.2f} | {r.get('cpu', 'AVX2')} |")
     md = results.with_suffix(".md")
     notes = md.read_text().partition("\n## Notes")[1:] if md.is_file() else ("", "")  # hand-written notes survive a rewrite
     md.write_text("\n".join(lines) + "\n" + "".join(notes))
