@@ -7,7 +7,6 @@ sequence length and trainable set, alternated in one run. Which settings make a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import time
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 
 def step(teacher, student, ids, params, autocast: bool) -> None:
     from come.distill import _kl
+    from come.distill.common import autocast_context
 
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
+    with autocast_context(torch.device("cpu"), "on" if autocast else "off")():
         with torch.no_grad():
             t = teacher(input_ids=ids, use_cache=False).logits
         loss = _kl(student(input_ids=ids, use_cache=False).logits, t, 1.0)
