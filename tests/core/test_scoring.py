@@ -97,6 +97,34 @@ def test_kl_loss_is_the_divergence_from_the_original_model():
     assert cache.loss_through(2, cache.current_stack(3)) != pytest.approx(expected, rel=1e-2)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_loss_through_head_chunks_give_the_whole_batch_loss(monkeypatch, kind):
+    """Logits go through the head a few sequences at a time: the loss is that of whole batches (the
+    cross-entropy to the bit: each token's log-softmax is its own), and chunks are really used."""
+    from come.core import scoring
+
+    model = tiny_model("llama")
+    cache = BoundaryCache(model, adapter_for(model.config), tiny_tokens(), batch_size=5, progress=False, loss_kind=kind)
+    stack = cache.current_stack(3)
+    whole = cache.loss_through(2, stack)
+    head = model.get_submodule(cache.adapter.lm_head_path)
+    seq_bytes = tiny_tokens().shape[1] * head.weight.shape[0] * 4
+    calls = []
+    real = scoring.BoundaryCache._head_chunks
+    monkeypatch.setattr(scoring.BoundaryCache, "_head_chunks",
+                        staticmethod(lambda x, h: calls.append(real(x, h)) or calls[-1]))
+    for per_chunk in (1, 2):
+        calls.clear()
+        monkeypatch.setattr(scoring, "HEAD_CHUNK_BYTES", per_chunk * seq_bytes)
+        chunked = cache.loss_through(2, stack)
+        assert max(c.stop - c.start for parts in calls for c in parts) == per_chunk
+        if kind == "ce":
+            assert chunked == whole
+        else:
+            assert chunked == pytest.approx(whole, rel=1e-6)
+
+
 def test_original_boundaries_inside_a_span_are_released_and_nothing_else():
     """A merged or absorbed span only grows, so the original boundaries strictly inside it are never a target
     again: they are dropped (their memory freed once no current boundary shares it); the span's ends stay."""

@@ -22,6 +22,10 @@ from ..errors import ComeError, NonFiniteActivations
 from .activations import BoundaryStore
 from .adapters import Adapter
 
+# Logits of candidate losses are formed at most this many bytes at a time (a batch of 8 sequences of 128
+# tokens over a 49k vocabulary would be 200 MB, and its log-softmax as much again).
+HEAD_CHUNK_BYTES = 32 * 2**20
+
 
 class _StopForward(Exception):
     pass
@@ -309,19 +313,33 @@ class BoundaryCache:
         teacher = self.teacher_boundary(self.num_layers_original) if kl else None
         with self.layers.head() as (norm, head):
             for rows, x in self.run_through(start, stack, samples):
-                logp = torch.log_softmax(head(norm(x))[:, :-1].float(), dim=-1)
-                if kl:
-                    t = teacher[rows].to(self.device, self.compute_dtype)
-                    logq = torch.log_softmax(head(norm(t))[:, :-1].float(), dim=-1)
-                    total += float((logq.exp() * (logq - logp)).sum())
-                    count += logq.shape[0] * logq.shape[1]
-                else:
-                    labels = self.tokens[rows, 1:].to(logp.device)
-                    total -= float(logp.gather(-1, labels.unsqueeze(-1)).sum())
-                    count += labels.numel()
+                # The logits of a whole batch (rows x tokens x vocabulary) are the search's largest
+                # tensor: they go through the head a few sequences at a time. Each token's log-softmax
+                # is its own, so the per-token values, and their sum over the batch, are those of one pass.
+                per_token = []
+                for part in self._head_chunks(x, head):
+                    logp = torch.log_softmax(head(norm(x[part]))[:, :-1].float(), dim=-1)
+                    if kl:
+                        t = teacher[rows][part].to(self.device, self.compute_dtype)
+                        logq = torch.log_softmax(head(norm(t))[:, :-1].float(), dim=-1)
+                        per_token.append((logq.exp() * (logq - logp)).sum(-1))
+                    else:
+                        labels = self.tokens[rows][part, 1:].to(logp.device)
+                        per_token.append(-logp.gather(-1, labels.unsqueeze(-1)))
+                per_token = torch.cat(per_token)
+                total += float(per_token.sum())
+                count += per_token.shape[0] * per_token.shape[1]
         # A stack whose output overflows (NaN/Inf) scores +inf, so no search prefers it to a finite one
         # (min() over a list holding NaN depends on its position); plans record it as null.
         return total / count if math.isfinite(total) else math.inf
+
+    @staticmethod
+    def _head_chunks(x: torch.Tensor, head: nn.Module) -> list[slice]:
+        """Slices of a batch's sequences whose float32 logits stay within HEAD_CHUNK_BYTES (one sequence at least)."""
+        vocab = head.weight.shape[0]
+        per_sequence = max(1, x.shape[1] * vocab * 4)
+        size = max(1, HEAD_CHUNK_BYTES // per_sequence)
+        return [slice(i, min(i + size, x.shape[0])) for i in range(0, x.shape[0], size)]
 
     def teacher_boundary(self, index: int):
         """The original model's boundary h_index (as cached before any change): refit and skip-error targets."""
