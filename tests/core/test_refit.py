@@ -124,11 +124,41 @@ def test_grid_damping_scores_every_value_and_auto_walks():
     assert len(full.record["held_out_errors"]) == len(DAMPING_GRID) > len(walked.record["held_out_errors"])
     assert full.record["damping"] == walked.record["damping"]  # this score falls then rises
     torch.testing.assert_close(full.weight, walked.weight, rtol=0, atol=0)
-    for key, value in walked.record["held_out_errors"].items():
-        assert value == pytest.approx(full.record["held_out_errors"][key], rel=1e-12)
+    before = walked.record["error_before"]["held_out"]
+    for key, value in walked.record["held_out_errors"].items():  # the walk's float32 screen
+        assert value == pytest.approx(full.record["held_out_errors"][key], abs=1e-6 * before)
     assert parse_damping("grid") == "grid" and parse_damping(None) == "auto" and parse_damping("0.5") == 0.5
     with pytest.raises(Exception, match="'auto', 'grid' or a number"):
         parse_damping("fast")
+
+
+def test_the_float32_screen_picks_what_float64_picks_and_defers_close_calls(monkeypatch):
+    """"auto" walks the grid with float32 solves; where two of the errors it compares (or the chosen one
+    and the unchanged layer's) are within SCREEN_MARGIN of each other, float64 walks again and decides."""
+    from come.core import refit
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(400, 64, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 64, dtype=torch.float64)
+    y = x @ torch.randn(64, 5, generator=g, dtype=torch.float64) + 10 * torch.randn(400, 5, generator=g, dtype=torch.float64)
+    fit, held = _stats(x[:300], y[:300]), _stats(x[300:], y[300:])
+    w0 = 0.1 * torch.randn(5, 64, generator=g, dtype=torch.float64)
+    exact = held_out_path(fit, held, w0, DAMPING_GRID)
+    best, walked = lowest_on_grid(lambda d: exact[d], DAMPING_GRID)
+    screened = choose_and_solve(fit, held, w0, "auto")
+    errors = screened.record["held_out_errors"]
+    assert screened.record["damping"] == best and set(errors) == {f"{d:g}" for d in walked}
+    # The screen decided (float32 values, not float64's), and the weight is float64's solve at its choice.
+    tty = held.tty
+    assert any(errors[f"{d:g}"] != exact[d] / tty for d in walked)
+    before = screened.record["error_before"]["held_out"]
+    assert all(errors[f"{d:g}"] == pytest.approx(exact[d] / tty, abs=1e-6 * before) for d in walked)
+    torch.testing.assert_close(screened.weight, ridge_solve(_stats(x, y), best, w0), rtol=1e-10, atol=1e-12)
+    # Every comparison "close": float64 walks and its values are recorded.
+    monkeypatch.setattr(refit, "SCREEN_MARGIN", 10.0)
+    deferred = choose_and_solve(fit, held, w0, "auto")
+    assert deferred.record["damping"] == best
+    assert deferred.record["held_out_errors"] == {f"{d:g}": exact[d] / tty for d in walked}
+    torch.testing.assert_close(deferred.weight, screened.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("rows", [300, 40])  # 40 rows < 48 inputs: a singular fit Z^T Z, only the damping makes it solvable
