@@ -4,8 +4,9 @@ The default's search refits every candidate (`core/refit.py`): it accumulates th
 down_proj's input over the calibration tokens, scores dampings on held-out rows, then solves once on every
 row. This times those parts on synthetic activations of the shapes a model of FFN width n and hidden size m
 gives (float32 activations, float64 statistics, as in a real refit), for `--damping grid` (every value of the
-9-value grid: one Cholesky solve each) and `auto` (the walk along the grid, `lowest_on_grid`), and checks that
-both pick the same damping and weight. The activations have column scales spread over three decades and
+9-value grid: one Cholesky solve each) and `auto` (the walk along the grid, `lowest_on_grid`), the walk both
+in float64 and as the default runs it (screened with float32 solves, `SCREEN_DTYPE`), and checks that all
+pick the same damping and weight. The activations have column scales spread over three decades and
 targets that a damping in the middle of the grid fits best, as in the recorded SmolLM2 refits; where the
 held-out minimum lies decides how many solves the walk needs, so the table reports it.
 
@@ -24,7 +25,11 @@ import time
 import _results  # bench/ is on sys.path when a bench script runs
 import torch
 
+from come.core import refit
 from come.core.refit import DAMPING_GRID, HOLDOUT_EVERY, RidgeStats, choose_and_solve
+
+# Ways of choosing the damping: the grid; the walk in float64; the default, the walk screened in float32.
+MODES = {"grid": ("grid", None), "walk64": ("auto", None), "auto": ("auto", refit.SCREEN_DTYPE)}
 
 
 def synthetic(n: int, m: int, tokens: int, seed: int = 0):
@@ -51,15 +56,20 @@ def measure(n: int, m: int, tokens: int, seqlen: int, batch_rows: int) -> dict:
     gram_s = time.perf_counter() - start
     row = {"d_ffn": n, "d_hidden": m, "tokens": tokens, "gram_s": round(gram_s, 3)}
     results = {}
-    for mode in ("grid", "auto"):
+    for mode, (damping, screen) in MODES.items():
+        refit.SCREEN_DTYPE = screen
         start = time.perf_counter()
-        results[mode] = choose_and_solve(fit, held, w0.double(), mode)
+        try:
+            results[mode] = choose_and_solve(fit, held, w0.double(), damping)
+        finally:
+            refit.SCREEN_DTYPE = MODES["auto"][1]
         row[f"{mode}_s"] = round(time.perf_counter() - start, 3)
         row[f"{mode}_solves"] = len(results[mode].record.get("held_out_errors", {})) + 1  # the grid's, then the final one
     row["damping"] = results["auto"].record["damping"]
-    row["same_pick"] = (results["grid"].record["damping"] == results["auto"].record["damping"]
-                        and torch.equal(results["grid"].weight, results["auto"].weight))
+    row["same_pick"] = all(results[m].record["damping"] == results["auto"].record["damping"]
+                           and torch.equal(results[m].weight, results["auto"].weight) for m in MODES)
     row["speedup"] = round(row["grid_s"] / row["auto_s"], 2)
+    row["screen_speedup"] = round(row["walk64_s"] / row["auto_s"], 2)
     return row
 
 
@@ -81,7 +91,7 @@ def main() -> None:
 
     # Cost law from the widest row: Gram ~ tokens n^2, one solve ~ n^3 + n^2 m (factorisation, solve, product).
     big = rows[-1]
-    per_solve = {mode: big[f"{mode}_s"] / big[f"{mode}_solves"] for mode in ("grid", "auto")}
+    per_solve = {mode: big[f"{mode}_s"] / big[f"{mode}_solves"] for mode in MODES}
     unit = big["d_ffn"] ** 3 + big["d_ffn"] ** 2 * big["d_hidden"]
     n7, m7 = 11008, 4096
     scale_solve = (n7**3 + n7**2 * m7) / unit
@@ -93,21 +103,28 @@ def main() -> None:
         f"Machine: {_results.machine(threads=torch.get_num_threads())}. Synthetic float32 activations, "
         f"{args.tokens} tokens in sequences of {args.seqlen}, every {HOLDOUT_EVERY}th sequence held out; grid: {len(DAMPING_GRID)} dampings.",
         "",
-        "| d_ffn | d_hidden | Gram s | grid: choose + solve s (solves) | walk: choose + solve s (solves) | grid / walk | damping | same pick and weight |",
-        "|---|---|---|---|---|---|---|---|",
+        "| d_ffn | d_hidden | Gram s | grid: choose + solve s (solves) | walk, float64: choose + solve s (solves) | "
+        "walk, float32 screen (default): choose + solve s (solves) | grid / default | float64 walk / default | damping "
+        "| same pick and weight |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['d_ffn']} | {r['d_hidden']} | {r['gram_s']:.2f} | {r['grid_s']:.2f} ({r['grid_solves']}) | "
-                     f"{r['auto_s']:.2f} ({r['auto_solves']}) | {r['speedup']:.2f}x | {r['damping']} | {r['same_pick']} |")
+                     f"{r['walk64_s']:.2f} ({r['walk64_solves']}) | {r['auto_s']:.2f} ({r['auto_solves']}) | "
+                     f"{r['speedup']:.2f}x | {r['screen_speedup']:.2f}x | {r['damping']} | {r['same_pick']} |")
     lines += [
         "",
-        "Solves include the final one on every row. The walk's count depends on where the held-out minimum lies "
-        "(here at the damping shown; in the recorded SmolLM2 refits mostly 0.3 or 1, i.e. 3 or 4 grid solves).",
+        "Solves include the final one on every row (always float64). The walk's count depends on where the held-out "
+        "minimum lies (here at the damping shown; in the recorded SmolLM2 refits mostly 0.3 or 1, i.e. 3 or 4 grid "
+        "solves). The float32 screen's solves are float32; where two errors it compares are within "
+        "`SCREEN_MARGIN` of each other the float64 walk runs as well (counted in the same column's time). "
+        "Same pick and weight: every mode's damping and float64 weight equal the default's, bit for bit.",
         "",
         f"**Extrapolation** (not measured: the cost law fitted to the d_ffn {big['d_ffn']} row, same machine and "
         f"threads, to Llama-7B's n {n7}, m {m7}, same token count): Gram about {big['gram_s'] * scale_gram:.0f} s, "
         f"damping and solve about {per_solve['grid'] * scale_solve * big['grid_solves']:.0f} s with the grid "
-        f"({big['grid_solves']} solves) and {per_solve['auto'] * scale_solve * big['auto_solves']:.0f} s with the walk "
+        f"({big['grid_solves']} solves), {per_solve['walk64'] * scale_solve * big['walk64_solves']:.0f} s with the float64 "
+        f"walk and {per_solve['auto'] * scale_solve * big['auto_solves']:.0f} s with the default's screened walk "
         f"({big['auto_solves']} solves), per candidate.",
     ]
     _results.write(args.results, lines, rows=rows)

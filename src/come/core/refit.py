@@ -188,6 +188,7 @@ class _HeldOutPath:
 # error (the size of the terms the errors are sums of): far above the float32 solve's error on real refits
 # (bench/results/README.md), so it picks what float64 picks; otherwise float64 walks and decides.
 SCREEN_MARGIN = 1e-4
+SCREEN_DTYPE: torch.dtype | None = torch.float32  # None: no screen, float64 walks (bench/refit_cost.py compares)
 
 
 def _separated(values, scale: float) -> bool:
@@ -262,9 +263,12 @@ def choose_and_solve(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, da
         else:
             # Walk in float32; keep its choice only if no comparison it made (nor the one against the
             # unchanged layer) was close enough for float32's error to have decided it.
-            screen = _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0, torch.float32)
-            damping_value, scores = lowest_on_grid(screen, DAMPING_GRID)
-            if not _separated([*scores.values(), held_error0], held_error0):
+            separated = False
+            if SCREEN_DTYPE is not None:
+                screen = _HeldOutPath(fit, held_out, w0t, fit_w0, held_w0, held_error0, SCREEN_DTYPE)
+                damping_value, scores = lowest_on_grid(screen, DAMPING_GRID)
+                separated = _separated([*scores.values(), held_error0], held_error0)
+            if not separated:
                 damping_value, scores = lowest_on_grid(path, DAMPING_GRID)
         record["held_out_errors"] = {f"{d:g}": scores[d] / max(held_out.tty, 1e-30) for d in DAMPING_GRID if d in scores}
         after["held_out"] = scores[damping_value] / max(held_out.tty, 1e-30)
