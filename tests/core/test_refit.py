@@ -197,6 +197,25 @@ def test_the_damping_grid_and_the_final_solve_equal_a_plain_float64_solve(rows):
     assert result.record["error_before"]["calibration"] == pytest.approx(float(((x @ w0.T - y) ** 2).sum() / (y**2).sum()), rel=1e-9)
 
 
+def test_rows_reach_the_statistics_in_blocks_of_at_least_d_in_rows(monkeypatch):
+    from come.core.refit import _Rows
+
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(100, 16, generator=g), torch.randn(100, 3, generator=g)
+    stats, calls = RidgeStats.zeros(16, 3), []
+    real_add = RidgeStats.add
+    monkeypatch.setattr(RidgeStats, "add", lambda self, *a: calls.append(a[0].shape[0]) or real_add(self, *a))
+    rows = _Rows(stats)
+    for b0 in range(0, 100, 6):  # batches of 6 rows: flushed at 18, 36, ... then the rest
+        rows.add(x[b0 : b0 + 6].reshape(-1, 2, 16), y[b0 : b0 + 6].reshape(-1, 2, 3), y[b0 : b0 + 6])
+    rows.flush()
+    assert calls == [18] * 5 + [10] and stats.rows == 100
+    whole = _stats(x.double(), y.double())
+    torch.testing.assert_close(stats.xtx, whole.xtx, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(stats.xty, whole.xty, rtol=1e-6, atol=1e-5)
+    assert stats.tty == pytest.approx(whole.tty, rel=1e-6)
+
+
 def test_a_wide_gram_matrix_from_blocks_equals_one_matmul():
     g = torch.Generator().manual_seed(6)
     for width in (96, 1024, 1500):  # one block; two; three of unequal width

@@ -88,6 +88,27 @@ class RidgeStats:
         return self.error(w) / max(self.tty, 1e-30)
 
 
+class _Rows:
+    """Rows for a `RidgeStats`, added to it in blocks of at least d_in rows: each block's float32 Gram
+    matrix is converted to float64 and summed once, which at a wide FFN costs as much memory traffic as
+    a batch's product, so a block of fewer rows would spend most of its time there."""
+
+    def __init__(self, stats: RidgeStats):
+        self.stats, self.parts, self.rows = stats, [], 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor) -> None:
+        x, y, teacher = (t.reshape(-1, t.shape[-1]) for t in (x, y, teacher))
+        self.parts.append((x, y, teacher))
+        self.rows += x.shape[0]
+        if self.rows >= self.stats.xtx.shape[0]:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.stats.add(*(torch.cat(column) for column in zip(*self.parts)))
+            self.parts, self.rows = [], 0
+
+
 def _gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     """x^T x from its blocks on and right of the diagonal, mirrored: a wide FFN's Gram matrix in about
     half the products of one matmul. Each entry is the same dot product over the rows as in x.T @ x."""
@@ -314,6 +335,7 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
     d_in, d_out = down.weight.shape[1], down.weight.shape[0]
     fit = RidgeStats.zeros(d_in, d_out, cache.device)
     held = RidgeStats.zeros(d_in, d_out, cache.device)
+    fit_rows_of, held_rows_of = _Rows(fit), _Rows(held)
     teacher = cache.teacher_boundary(target_index)
     if normed:
         # A channel of gain 0 (Gemma-3-270M has some) outputs nothing whatever W is: its target is its
@@ -340,9 +362,11 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
             z = captured["z"]
             held_rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
             fit_rows = [i for i in range(b1 - b0) if (b0 + i) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-            for stats, rows in ((fit, fit_rows), (held, held_rows)):
+            for rows_of, rows in ((fit_rows_of, fit_rows), (held_rows_of, held_rows)):
                 if rows:
-                    stats.add(z[rows], y[rows], t[rows])
+                    rows_of.add(z[rows], y[rows], t[rows])
+        fit_rows_of.flush()
+        held_rows_of.flush()
     finally:
         for handle in handles:
             handle.remove()
