@@ -153,6 +153,13 @@ def test_the_float32_screen_picks_what_float64_picks_and_defers_close_calls(monk
     before = screened.record["error_before"]["held_out"]
     assert all(errors[f"{d:g}"] == pytest.approx(exact[d] / tty, abs=1e-6 * before) for d in walked)
     torch.testing.assert_close(screened.weight, ridge_solve(_stats(x, y), best, w0), rtol=1e-10, atol=1e-12)
+    # A float32 factorisation that fails scores NaN: float64 decides.
+    real_ex = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (a, torch.ones((), dtype=torch.int32)))
+    failed = choose_and_solve(fit, held, w0, "auto")
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real_ex)
+    assert failed.record["held_out_errors"] == {f"{d:g}": exact[d] / tty for d in walked}
+    torch.testing.assert_close(failed.weight, screened.weight, rtol=0, atol=0)
     # Every comparison "close": float64 walks and its values are recorded.
     monkeypatch.setattr(refit, "SCREEN_MARGIN", 10.0)
     deferred = choose_and_solve(fit, held, w0, "auto")

@@ -26,6 +26,7 @@ that does not lower the held-out error leaves the layer as it was.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Self
@@ -195,7 +196,15 @@ class _HeldOutPath:
         self.scale, self.work = _scale(fit), torch.empty_like(self.xtx)
 
     def __call__(self, damping: float) -> float:
-        delta = _solve_shifted(self.xtx, float(damping) * self.scale, self.r, self.work)
+        if self.xtx.dtype != torch.float64:  # the screen: a failed factorisation scores NaN, so float64 decides
+            a = self.work.copy_(self.xtx)
+            a.diagonal().add_(float(damping) * self.scale)
+            factor, info = torch.linalg.cholesky_ex(a)
+            if int(info) != 0:
+                return math.nan
+            delta = torch.cholesky_solve(self.r, factor)
+        else:
+            delta = _solve_shifted(self.xtx, float(damping) * self.scale, self.r, self.work)
         h_delta = (self.held_xtx @ delta).double()
         delta = delta.double()
         return self.held_error0 + float(2 * (delta * self.g).sum() + (delta * h_delta).sum())
@@ -213,6 +222,9 @@ SCREEN_DTYPE: torch.dtype | None = torch.float32  # None: no screen, float64 wal
 
 
 def _separated(values, scale: float) -> bool:
+    """Every two values more than SCREEN_MARGIN x (the larger, or `scale`) apart; a NaN is never separated."""
+    if any(math.isnan(v) for v in values):
+        return False
     values = sorted(values)
     return all(b - a > SCREEN_MARGIN * max(abs(a), abs(b), abs(scale)) for a, b in pairwise(values))
 
