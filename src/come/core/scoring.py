@@ -317,14 +317,16 @@ class BoundaryCache:
                 # tensor: they go through the head a few sequences at a time. Each token's log-softmax
                 # is its own, so the per-token values, and their sum over the batch, are those of one pass.
                 per_token = []
+                # Read once per batch: a boundary on disk reads its rows from the file at every index.
+                targets = teacher[rows] if kl else self.tokens[rows]
                 for part in self._head_chunks(x, head):
                     logp = torch.log_softmax(head(norm(x[part]))[:, :-1].float(), dim=-1)
                     if kl:
-                        t = teacher[rows][part].to(self.device, self.compute_dtype)
+                        t = targets[part].to(self.device, self.compute_dtype)
                         logq = torch.log_softmax(head(norm(t))[:, :-1].float(), dim=-1)
                         per_token.append((logq.exp() * (logq - logp)).sum(-1))
                     else:
-                        labels = self.tokens[rows][part, 1:].to(logp.device)
+                        labels = targets[part, 1:].to(logp.device)
                         per_token.append(-logp.gather(-1, labels.unsqueeze(-1)))
                 per_token = torch.cat(per_token)
                 total += float(per_token.sum())
