@@ -155,7 +155,8 @@ def test_the_float32_screen_picks_what_float64_picks_and_defers_close_calls(monk
     torch.testing.assert_close(screened.weight, ridge_solve(_stats(x, y), best, w0), rtol=1e-10, atol=1e-12)
     # A float32 factorisation that fails scores NaN: float64 decides.
     real_ex = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (a, torch.ones((), dtype=torch.int32)))
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (a, torch.ones((), dtype=torch.int32))
+                        if a.dtype == torch.float32 else real_ex(a))
     failed = choose_and_solve(fit, held, w0, "auto")
     monkeypatch.setattr(torch.linalg, "cholesky_ex", real_ex)
     assert failed.record["held_out_errors"] == {f"{d:g}": exact[d] / tty for d in walked}

@@ -135,15 +135,17 @@ def ridge_solve(stats: RidgeStats, damping: float, w0: torch.Tensor | None = Non
     return _solve_shifted(stats.xtx, lam, b).T.contiguous()
 
 
-def _solve_shifted(xtx: torch.Tensor, lam: float, b: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
-    """(X^T X + lam I)^-1 b by Cholesky; a system singular without damping gets the minimum-norm solution.
-    `work` (the shape of xtx), if given, is overwritten instead of allocating a d_in^2 copy per call."""
+def _solve_shifted(xtx: torch.Tensor, lam: float, b: torch.Tensor, work: torch.Tensor | None = None,
+                   fallback: bool = True) -> torch.Tensor | None:
+    """(X^T X + lam I)^-1 b by Cholesky; a system singular without damping gets the minimum-norm solution
+    (with `fallback` off: None). `work` (the shape of xtx), if given, is overwritten instead of allocating a
+    d_in^2 copy per call."""
     a = xtx.clone() if work is None else work.copy_(xtx)
     a.diagonal().add_(lam)  # the same values as xtx + lam * I, without a d_in^2 identity
-    try:
-        return torch.cholesky_solve(b, torch.linalg.cholesky(a))
-    except RuntimeError:
-        return torch.linalg.lstsq(a, b).solution
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, factor)
+    return torch.linalg.lstsq(a, b).solution if fallback else None
 
 
 def _scale(stats: RidgeStats) -> float:
@@ -196,15 +198,11 @@ class _HeldOutPath:
         self.scale, self.work = _scale(fit), torch.empty_like(self.xtx)
 
     def __call__(self, damping: float) -> float:
-        if self.xtx.dtype != torch.float64:  # the screen: a failed factorisation scores NaN, so float64 decides
-            a = self.work.copy_(self.xtx)
-            a.diagonal().add_(float(damping) * self.scale)
-            factor, info = torch.linalg.cholesky_ex(a)
-            if int(info) != 0:
-                return math.nan
-            delta = torch.cholesky_solve(self.r, factor)
-        else:
-            delta = _solve_shifted(self.xtx, float(damping) * self.scale, self.r, self.work)
+        # The screen's failed factorisation scores NaN, so float64 decides; float64 falls back to lstsq.
+        delta = _solve_shifted(self.xtx, float(damping) * self.scale, self.r, self.work,
+                               fallback=self.xtx.dtype == torch.float64)
+        if delta is None:
+            return math.nan
         h_delta = (self.held_xtx @ delta).double()
         delta = delta.double()
         return self.held_error0 + float(2 * (delta * self.g).sum() + (delta * h_delta).sum())
