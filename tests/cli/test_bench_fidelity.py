@@ -31,20 +31,21 @@ def test_bench_rows_get_skill_kept_from_the_dense_row():
     assert half["skill_kept"] == pytest.approx(0.5) and "skill_kept" not in dense and "skill_kept" not in rows[2]
 
 
-def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path):
+@pytest.mark.parametrize("method", ["come", "come-search"])
+def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path, monkeypatch, method):
     out = tmp_path / "bench"
-    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", "dense,come", "--ratios", "0.28", "--ppl", "wikipedia",
-            "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
+    args = ["bench", str(tiny_dir), "--out", str(out), "--methods", f"dense,{method}", "--ratios", "0.28", "--ppl",
+            "wikipedia", "--ppl-max-tokens", "256", "--seqlen", "32", "--tasks", "none", "--nsamples", "4", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    cell_file = out / "cells" / "come-r0.28.json"
+    cell_file = out / "cells" / f"{method}-r0.28.json"
     cell = json.loads(cell_file.read_text())
     kl, top1 = cell["row"]["kl_wikipedia"], cell["row"]["top1_wikipedia"]
     assert kl > 0 and 0 <= top1 <= 1 and cell["evaluation"]["fidelity"]["wikipedia"]["kl"] == kl
     assert "kl_wikipedia" not in json.loads((out / "cells" / "dense.json").read_text())["row"]
     header = (out / "results.md").read_text().split("| method |")[1].split("\n")[0]
     assert header.index("ppl_wikipedia") < header.index("kl_wikipedia") < header.index("top1_wikipedia")
-    assert "lowest wikipedia KL to dense: **come**" in (out / "results.md").read_text()
+    assert f"lowest wikipedia KL to dense: **{method}**" in (out / "results.md").read_text()
 
     # A cell scored before KL existed: same settings, no fidelity. Plain runs leave it alone...
     old = json.loads(cell_file.read_text())
@@ -53,9 +54,16 @@ def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, t
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("skipped") == 2
     assert "kl_wikipedia" not in json.loads(cell_file.read_text())["row"]
-    # ...--fill-kl rebuilds its model and adds the same KL, the rest of the cell untouched.
+    # ...--fill-kl rebuilds its model (by replaying its plan's steps, not by searching again) and adds the same
+    # KL, the rest of the cell untouched.
+    import come.engine.pipeline
+
+    methods = []
+    real = come.engine.pipeline.compress
+    monkeypatch.setattr(come.engine.pipeline, "compress", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
     filled = runner.invoke(app, [*args, "--fill-kl"])
     assert filled.exit_code == 0, filled.output
+    assert methods == ["replay"] and not list((out / "models").glob("*.replay.json"))
     cell = json.loads(cell_file.read_text())
     assert cell["row"]["kl_wikipedia"] == pytest.approx(kl, rel=1e-5) and cell["row"]["top1_wikipedia"] == pytest.approx(top1)
     assert {k: v for k, v in cell["row"].items() if not k.startswith(("kl_", "top1_"))} == old["row"]

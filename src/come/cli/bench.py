@@ -367,11 +367,22 @@ def run_bench(
             reuse = ((distilled or fill) and stamp.is_file()
                      and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
             dropped = _deleted_layers(previous, resolved[method]) if fill else None
+            replay = _replay_plan(previous, base_of[method], resolved[method]) if fill and dropped is None else None
             if dropped is not None and not reuse:
                 # Its plan only deletes layers: `drop` replays it in one pass instead of rerunning the search;
                 # _add_fidelity then checks that the plan and the perplexities are the recorded ones.
                 compress(model, ratio=ratio, method="drop", drop_layers=dropped, out=model_dir, overwrite=True,
                          seed=seed, save_dtype=save_dtype, progress=progress)
+            elif replay is not None and not reuse:
+                # A come-search or CoMe plan: `replay` applies its recorded steps without the search (the chosen
+                # operations only), with the cell's options; checked the same way.
+                plan_file = out / "models" / f"{name}.replay.json"
+                write_json_atomic(plan_file, replay)
+                try:
+                    compress(model, ratio=ratio, method="replay", replay_plan=str(plan_file), out=model_dir,
+                             overwrite=True, seed=seed, save_dtype=save_dtype, progress=progress, **resolved[method])
+                finally:
+                    plan_file.unlink(missing_ok=True)
             elif not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
                 start = time.perf_counter()
                 try:
@@ -492,6 +503,23 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     original = max(max(layer["covers"]) for layer in layers) + 1
     kept = {layer["position_of"] for layer in layers}
     return sorted(set(range(original)) - kept)
+
+
+def _replay_plan(cell: dict, method: str, options: dict) -> dict | None:
+    """A plan `--method replay` can apply to rebuild a finished come-search or CoMe cell's model without its
+    search, or None (another method, or steps recorded in a form replay does not read)."""
+    from ..errors import MergeError
+    from ..methods.replay import METHODS, operation
+
+    steps, layers = cell.get("plan_steps"), cell.get("plan_layers")
+    if method not in METHODS or not steps or not layers:
+        return None
+    try:
+        for step in steps:
+            operation(step, method)
+    except (MergeError, KeyError, TypeError):
+        return None
+    return {"method": method, "steps": steps, "options": options, "final_layers": len(layers)}
 
 
 def _same_plan(a, b, newer_keys: bool = False) -> bool:

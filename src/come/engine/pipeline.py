@@ -256,13 +256,13 @@ def compress(
     """
     from ..artifacts.export import resolve_save_dtype
     from ..artifacts.plan import build_plan, finalize_model
-    from ..methods import get_method, method_defaults
+    from ..methods import get_method, get_spec
     from ..outputs import prepare_output, work_folder
     from .execution import open_execution
 
     # Resolve: the method, its options and how it runs; every refusal comes before any work.
     run = get_method(method)
-    opts = resolve_options(method_defaults(method), options)
+    opts = resolve_options(get_spec(method).defaults_for(options), options)
     execution = open_execution(model, opts, method=method, layerwise=layerwise, dtype=dtype, device=device,
                                max_shard_size=max_shard_size)
     sources = source_paths(model)

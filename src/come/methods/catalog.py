@@ -108,4 +108,14 @@ BUILTIN: tuple[MethodSpec, ...] = (
         options=(Option("drop_layers", tuple[int, ...], (), "the original layers to delete (as many as the target "
                                                             "removes)."),),
     ),
+    MethodSpec(
+        "replay",
+        "Apply the steps of a recorded come-search or CoMe plan without its search (--replay-plan)",
+        entry="replay:run",
+        layerwise=True,
+        defaults_from="replay:plan_defaults",
+        options=(Option("replay_plan", str | None, None, "the come_plan.json (or the model folder holding it) whose "
+                                                         "steps --method replay applies; run with the plan's "
+                                                         "calibration and refit options to get the same model."),),
+    ),
 )

@@ -30,6 +30,16 @@ class MethodSpec:
     # Option values the method uses unless the user gives them (e.g. come-search refits by default).
     defaults: Mapping = field(default_factory=dict)
     options: tuple[Option, ...] = ()  # the method's own options (the shared ones: options.SHARED)
+    # "module:function" that gives further defaults from the options given (e.g. replay takes its plan's), or None.
+    defaults_from: str | None = None
+
+    def defaults_for(self, options: Mapping) -> dict:
+        """The option values this method uses unless given: its defaults, then what `defaults_from` derives."""
+        if self.defaults_from is None:
+            return dict(self.defaults)
+        module, _, function = self.defaults_from.partition(":")
+        derive = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return {**self.defaults, **derive(options)}
 
     def load(self) -> MethodFn:
         module, _, function = self.entry.partition(":")
