@@ -49,6 +49,26 @@ def test_replayed_come_search_plan_gives_the_same_model(family, seed, refit, tmp
     assert replayed.plan["execution"]["layer_passes"] < searched.plan["execution"]["layer_passes"]
 
 
+def test_a_replayed_plan_replays_to_the_same_model_in_layerwise_mode_too(tmp_path):
+    model = tiny_model("llama", seed=7, num_hidden_layers=8)
+    searched = _compress(model, 4, "come-search", **SEARCH)
+    first = _compress(model, 4, "replay", replay_plan=str(_plan_file(tmp_path, searched.plan)))
+    assert first.plan["method"] == "replay"
+    (tmp_path / "again").mkdir()
+    second = _compress(model, 4, "replay", replay_plan=str(_plan_file(tmp_path / "again", first.plan)))
+    _assert_same_model(searched, second)
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    layerwise = compress(str(folder), target_layers=4, method="replay", tokens=TOKENS, progress=False, batch_size=3,
+                         layerwise=True, out=tmp_path / "out", replay_plan=str(_plan_file(tmp_path, searched.plan)))
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    expected = searched.model.state_dict()
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+    assert json.loads(json.dumps(layerwise.plan["layers"])) == json.loads(json.dumps(searched.plan["layers"]))
+
+
 def test_the_search_tests_cover_both_operations():
     """The parametrised plans above mix merges and deletions (else the replay test would not cover both)."""
     ops = set()

@@ -23,7 +23,7 @@ from .come_p import candidate_ratios
 # activations are kept do not change the result.)
 SAME_AS_PLAN = ("calib", "nsamples", "seqlen", "seed", "batch_size", "norm", "output_norm", "refit",
                 "refit_damping", "activation_dtype")
-METHODS = ("come-search", "come")
+METHODS = ("come-search", "come", "replay")  # a replayed plan records the operations it applied: it replays too
 
 
 def read_plan(path) -> dict:
@@ -38,7 +38,7 @@ def read_plan(path) -> dict:
     if not isinstance(plan, dict) or not isinstance(plan.get("steps"), list) or "method" not in plan:
         raise MergeError(f"--replay-plan: {path} is not a come plan (no method and steps)")
     if plan["method"] not in METHODS:
-        raise MergeError(f"--replay-plan: replay applies {' and '.join(METHODS)} plans; {path} was made by "
+        raise MergeError(f"--replay-plan: replay applies plans of {', '.join(METHODS)}; {path} was made by "
                          f"{plan['method']!r} (for a plan that only deletes layers, use --method drop)")
     return plan
 
@@ -92,10 +92,13 @@ def _ratios(ctx, bi, start: int, size: int, rule: str) -> list[float]:
 
 def operation(step: dict, method: str) -> dict:
     """{"op": "merge", "window": [a, b], "ratios": rule} or {"op": "delete", "layer": k} of a recorded step."""
+    if isinstance(step.get("replayed"), dict) and step["replayed"].get("op") in ("merge", "delete"):
+        return step["replayed"]
     if method == "come-search":
         chosen = step.get("chosen") or {}
         if chosen.get("op") == "merge":
-            return {"op": "merge", "window": chosen["window"], "ratios": chosen.get("ratios", "bi")}
+            return {"op": "merge", "window": chosen["window"], "ratios": chosen.get("ratios", "bi"),
+                    "rule": "come-search"}
         if chosen.get("op") == "delete":
             return {"op": "delete", "layer": chosen["layer"]}
     elif "window" in step:
@@ -122,7 +125,7 @@ def run(ctx, target_layers: int) -> None:
                     raise MergeError(f"--replay-plan: step {recorded.get('step')} merges layers {start}-{end} "
                                      f"of {before}")
                 merged, record = merge_with_ratios(ctx, start, size, _ratios(ctx, bi, start, size, op["ratios"]))
-                if method == "come-search":
+                if op.get("rule") == "come-search":  # as the search records its merges
                     record = {**record, "rule": "come-search", "ratios": op["ratios"]}
                 step["covers"] = [c for r in ctx.records[start : end + 1] for c in r["covers"]]
                 ctx.steps.append(step)
