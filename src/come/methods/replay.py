@@ -4,8 +4,9 @@ Each step's operation (which window is merged with which channel-share rule, whi
 from the plan; what depends on the model's activations (block influence, channel sensitivities, refits) is
 computed again, in the same order, on the same calibration. With the options the plan was made with, that is
 the same computation the search did for the operation it chose, so the model comes out the same. Those options
-default to the plan's, and one given otherwise is refused before any work. What replay saves is the search: the candidates
-that were scored and not chosen. For the plans of one-shot deletions (shortgpt, sleb, ...) use `drop`.
+default to the plan's, and one given otherwise is refused before any work. What replay saves is the search:
+the candidates that were scored and not chosen. For the plans of one-shot deletions (shortgpt, sleb, ...) use
+`drop`.
 """
 
 from __future__ import annotations
