@@ -148,3 +148,16 @@ def test_only_plans_that_delete_and_change_no_weight_are_replayed():
     assert _deleted_layers({"plan_layers": transformed}, {}) is None
     merged = [{**deletion[0], "merged": True, "merge": {"sources": []}}, deletion[1]]
     assert _deleted_layers({"plan_layers": merged}, {}) is None
+
+
+def test_only_come_search_and_come_plans_in_a_form_replay_reads_are_replayed():
+    from come.cli.bench import _replay_plan
+
+    layers = [{"covers": [0]}, {"covers": [1, 2]}]
+    search = {"plan_steps": [{"step": 0, "chosen": {"op": "delete", "layer": 2}}], "plan_layers": layers}
+    plan = _replay_plan(search, "come-search", {"refit": True})
+    assert plan == {"method": "come-search", "steps": search["plan_steps"], "options": {"refit": True}, "final_layers": 2}
+    assert _replay_plan({"plan_steps": [{"step": 0, "window": [1, 2]}], "plan_layers": layers}, "come", {})["method"] == "come"
+    assert _replay_plan(search, "shortgpt", {}) is None  # not a method replay reads (drop serves deletions)
+    assert _replay_plan({"plan_steps": [{"step": 0, "removed": [2]}], "plan_layers": layers}, "come-search", {}) is None
+    assert _replay_plan({"plan_layers": layers}, "come-search", {}) is None  # no recorded steps: search again
