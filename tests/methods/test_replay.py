@@ -123,3 +123,15 @@ def test_cli_replays_a_compressed_folder(tiny_dir, tmp_path):
                               "-q"])
     assert_error_line(bad, "--nsamples 4")
     assert not (tmp_path / "x").exists()
+
+
+def test_resolved_options_of_replay_take_the_plans(tmp_path):
+    """What a bench cell of `replay` is keyed by (and runs with): the plan's calibration and refit options."""
+    from come.engine.options import resolved_for
+
+    plan = {"method": "come-search", "steps": [], "options": {"refit": True, "nsamples": 128, "seqlen": 128}}
+    path = _plan_file(tmp_path, plan)
+    resolved = resolved_for("replay", {"replay_plan": str(path)})
+    assert resolved["refit"] is True and resolved["nsamples"] == 128 and resolved["replay_plan"] == str(path)
+    with pytest.raises(MergeError, match="--nsamples 128"):
+        resolved_for("replay", {"replay_plan": str(path), "nsamples": 32})

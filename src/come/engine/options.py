@@ -138,6 +138,6 @@ def resolved_for(method: str, options: dict) -> dict:
     from ..methods import get_spec
 
     spec = get_spec(method)
-    resolved = dataclasses.asdict(resolve_options(spec.defaults, options))
+    resolved = dataclasses.asdict(resolve_options(spec.defaults_for(options), options))
     mine = SHARED_NAMES | {o.name for o in spec.options}
     return json.loads(json.dumps({k: v for k, v in resolved.items() if k in mine}))
