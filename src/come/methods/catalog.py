@@ -115,7 +115,7 @@ BUILTIN: tuple[MethodSpec, ...] = (
         layerwise=True,
         defaults_from="replay:plan_defaults",
         options=(Option("replay_plan", str | None, None, "the come_plan.json (or the model folder holding it) whose "
-                                                         "steps --method replay applies; run with the plan's "
-                                                         "calibration and refit options to get the same model."),),
+                                                         "steps --method replay applies; the calibration and "
+                                                         "refit options default to the plan's (others are refused)."),),
     ),
 )
