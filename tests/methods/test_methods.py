@@ -34,6 +34,9 @@ def _full_loss(model, tokens):
 @pytest.mark.parametrize("method", sorted(available_methods()))
 def test_every_method_reaches_target_exports_and_reloads(method, target, tmp_path):
     extra = {"drop_layers": (1, 3, 4)[: 6 - target]} if method == "drop" else {}
+    if method == "replay":  # the plan of a come-search run to the same target
+        _run("come-search", target, out=tmp_path / "searched")
+        extra = {"replay_plan": str(tmp_path / "searched")}
     result = _run(method, target, out=tmp_path / "out", **extra)
     model, plan = result.model, result.plan
     assert plan["final_layers"] == target == model.config.num_hidden_layers == len(model.model.layers)
