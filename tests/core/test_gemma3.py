@@ -30,6 +30,9 @@ def test_every_method_runs_6_to_4_and_reloads_with_identical_logits(method, tmp_
             _run(method)
         return
     extra = {"drop_layers": (2, 4)} if method == "drop" else {}
+    if method == "replay":  # the plan of a come-search run to the same target
+        _run("come-search", out=tmp_path / "searched", search_samples=4)
+        extra = {"replay_plan": str(tmp_path / "searched")}
     result = _run(method, out=tmp_path / "out", search_samples=4, granularity=2, **extra)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 4 and len(config["layer_types"]) == 4
