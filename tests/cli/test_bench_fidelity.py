@@ -31,6 +31,16 @@ def test_bench_rows_get_skill_kept_from_the_dense_row():
     assert half["skill_kept"] == pytest.approx(0.5) and "skill_kept" not in dense and "skill_kept" not in rows[2]
 
 
+def _record_methods(monkeypatch) -> list:
+    """The `method` of every compress() call from now on (bench calls it as come.engine.pipeline.compress)."""
+    import come.engine.pipeline
+
+    methods = []
+    real = come.engine.pipeline.compress
+    monkeypatch.setattr(come.engine.pipeline, "compress", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    return methods
+
+
 @pytest.mark.parametrize("method", ["come", "come-search"])
 def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, tmp_path, monkeypatch, method):
     out = tmp_path / "bench"
@@ -56,11 +66,7 @@ def test_bench_measures_kl_and_fills_it_into_cells_scored_without_it(tiny_dir, t
     assert "kl_wikipedia" not in json.loads(cell_file.read_text())["row"]
     # ...--fill-kl rebuilds its model (by replaying its plan's steps, not by searching again) and adds the same
     # KL, the rest of the cell untouched.
-    import come.engine.pipeline
-
-    methods = []
-    real = come.engine.pipeline.compress
-    monkeypatch.setattr(come.engine.pipeline, "compress", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    methods = _record_methods(monkeypatch)
     filled = runner.invoke(app, [*args, "--fill-kl"])
     assert filled.exit_code == 0, filled.output
     assert methods == ["replay"] and not list((out / "models").glob("*.replay.json"))
@@ -91,11 +97,7 @@ def test_fill_kl_replays_a_deletion_only_plan_with_drop(tiny_dir, tmp_path, monk
     del old["evaluation"]["fidelity"], old["row"]["kl_wikipedia"], old["row"]["top1_wikipedia"]
     cell_file.write_text(json.dumps(old))
 
-    import come.engine.pipeline
-
-    methods = []
-    real = come.engine.pipeline.compress
-    monkeypatch.setattr(come.engine.pipeline, "compress", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    methods = _record_methods(monkeypatch)
     filled = runner.invoke(app, [*args, "--fill-kl"])
     assert filled.exit_code == 0, filled.output
     assert methods == ["drop"]

@@ -83,7 +83,7 @@ def _cli_value(value) -> str:
     return str(value)
 
 
-def _ratios(ctx, bi, start: int, size: int, rule: str) -> list[float]:
+def _ratios(bi, start: int, size: int, rule: str) -> list[float]:
     if rule == "bi":
         return bi_ratios(bi, start, size)
     if rule.startswith("r="):
@@ -117,7 +117,6 @@ def run(ctx, target_layers: int) -> None:
               disable=not ctx.options.progress) as bar:
         for recorded in plan["steps"]:
             op, before = operation(recorded, method), ctx.num_layers
-            bi = ctx.cache.block_influence()
             step = {"step": len(ctx.steps), "layers_before": before, "replayed": op}
             if op["op"] == "merge":
                 start, end = op["window"]
@@ -125,7 +124,10 @@ def run(ctx, target_layers: int) -> None:
                 if not (0 <= start and end < before and size >= 2):
                     raise MergeError(f"--replay-plan: step {recorded.get('step')} merges layers {start}-{end} "
                                      f"of {before}")
-                merged, record = merge_with_ratios(ctx, start, size, _ratios(ctx, bi, start, size, op["ratios"]))
+                # Block influence (every boundary) only for a merge's shares: a deletion's refit reads the
+                # boundaries up to its owner, so later ones are computed when a later step needs them.
+                ratios = _ratios(ctx.cache.block_influence(), start, size, op["ratios"])
+                merged, record = merge_with_ratios(ctx, start, size, ratios)
                 if op.get("rule") == "come-search":  # as the search records its merges
                     record = {**record, "rule": "come-search", "ratios": op["ratios"]}
                 step["covers"] = [c for r in ctx.records[start : end + 1] for c in r["covers"]]

@@ -37,10 +37,13 @@ class MethodSpec:
         """The option values this method uses unless given: its defaults, then what `defaults_from` derives."""
         if self.defaults_from is None:
             return dict(self.defaults)
-        module, _, function = self.defaults_from.partition(":")
-        derive = getattr(importlib.import_module(f"{__package__}.{module}"), function)
-        return {**self.defaults, **derive(options)}
+        return {**self.defaults, **_function(self.defaults_from)(options)}
 
     def load(self) -> MethodFn:
-        module, _, function = self.entry.partition(":")
-        return getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return _function(self.entry)
+
+
+def _function(where: str):
+    """The function named "module:function" in this package."""
+    module, _, function = where.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), function)
