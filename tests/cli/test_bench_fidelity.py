@@ -163,3 +163,45 @@ def test_only_come_search_and_come_plans_in_a_form_replay_reads_are_replayed():
     assert _replay_plan(search, "shortgpt", {}) is None  # not a method replay reads (drop serves deletions)
     assert _replay_plan({"plan_steps": [{"step": 0, "removed": [2]}], "plan_layers": layers}, "come-search", {}) is None
     assert _replay_plan({"plan_layers": layers}, "come-search", {}) is None  # no recorded steps: search again
+
+
+def test_distilled_cell_rebuilds_its_finished_plain_cells_model_instead_of_searching(tiny_dir, tmp_path, monkeypatch):
+    """A +distill cell added after its plain cell finished (its model not kept) gets that model back by replaying
+    the recorded plan (`replay`, or `drop` for a deletion-only plan): the same distilled result as a grid that
+    kept the model, without a second search; a plain cell whose plan is not what its settings make is not used."""
+    common = ["--ratios", "0.28", "--ppl", "wikipedia", "--ppl-max-tokens", "128", "--seqlen", "32", "--tasks",
+              "none", "--nsamples", "4", "-q"]
+    distill = ["--distill", "come-search,shortgpt", "--distill-set", "tokens=128", "--distill-set", "seqlen=32",
+               "--distill-set", "batch_size=2",
+               "--distill-set", "eval_every=0", "--distill-set", "heldout_tokens=64"]
+    together, later = tmp_path / "together", tmp_path / "later"
+    methods_flag = ["--methods", "come-search,shortgpt"]
+    assert runner.invoke(app, ["bench", str(tiny_dir), "--out", str(together), *methods_flag, *common, *distill]).exit_code == 0
+    assert runner.invoke(app, ["bench", str(tiny_dir), "--out", str(later), *methods_flag, *common]).exit_code == 0
+
+    methods = _record_methods(monkeypatch)
+    result = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(later), *methods_flag, *common, *distill])
+    assert result.exit_code == 0, result.output
+    assert methods == ["replay", "drop"] and result.output.count("skipped") == 2
+    for label in ("come-search", "shortgpt"):
+        plain = json.loads((later / "cells" / f"{label}-r0.28.json").read_text())["row"]
+        rebuilt = json.loads((later / "cells" / f"{label}+distill-r0.28.json").read_text())
+        kept = json.loads((together / "cells" / f"{label}+distill-r0.28.json").read_text())
+        assert rebuilt["row"]["compress_seconds"] == plain["compress_seconds"]  # what making the model cost
+        assert rebuilt["plan_layers"] == kept["plan_layers"]
+        assert rebuilt["row"]["ppl_wikipedia"] == pytest.approx(kept["row"]["ppl_wikipedia"], rel=1e-6)
+        assert rebuilt["row"]["kl_wikipedia"] == pytest.approx(kept["row"]["kl_wikipedia"], rel=1e-5)
+
+    # A plain cell whose recorded plan its settings do not make: compressed again instead, with a line saying so.
+    plain_file = later / "cells" / "come-search-r0.28.json"
+    plain = json.loads(plain_file.read_text())
+    plain["plan_layers"][0]["covers"] = [99]
+    plain_file.write_text(json.dumps(plain))
+    (later / "cells" / "come-search+distill-r0.28.json").unlink()
+    methods.clear()
+    again = runner.invoke(app, ["bench", str(tiny_dir), "--out", str(later), *methods_flag, *common, *distill])
+    assert again.exit_code == 0, again.output
+    assert methods == ["replay", "come-search"] and "compressing instead" in again.output
+    redone = json.loads((later / "cells" / "come-search+distill-r0.28.json").read_text())["row"]
+    assert redone["ppl_wikipedia"] == pytest.approx(
+        json.loads((together / "cells" / "come-search+distill-r0.28.json").read_text())["row"]["ppl_wikipedia"], rel=1e-6)

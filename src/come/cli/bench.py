@@ -366,13 +366,20 @@ def run_bench(
             stamp = model_dir / BENCH_STAMP
             reuse = ((distilled or fill) and stamp.is_file()
                      and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
-            dropped = _deleted_layers(previous, resolved[method]) if fill else None
-            replay = _replay_plan(previous, base_of[method], resolved[method]) if fill and dropped is None else None
+            # The finished cell whose plan the model can be rebuilt from: this cell's own (--fill-kl), or, for a
+            # distilled cell, its plain cell's (the same compression, so its search need not run again).
+            source = previous if fill else (_finished_cell(out, cell_name(method, ratio), made_with, method)
+                                            if distilled and not reuse else None)
+            dropped = _deleted_layers(source, resolved[method]) if source is not None else None
+            replay = (_replay_plan(source, base_of[method], resolved[method])
+                      if source is not None and dropped is None else None)
+            rebuilt = False
             if dropped is not None and not reuse:
                 # Its plan only deletes layers: `drop` replays it in one pass instead of rerunning the search;
-                # _add_fidelity then checks that the plan and the perplexities are the recorded ones.
+                # the plan is checked below (and, for a fill, the perplexities by _add_fidelity).
                 compress(model, ratio=ratio, method="drop", drop_layers=dropped, out=model_dir, overwrite=True,
                          seed=seed, save_dtype=save_dtype, progress=progress)
+                rebuilt = True
             elif replay is not None and not reuse:
                 # A come-search or CoMe plan: `replay` applies its recorded steps without the search (the chosen
                 # operations only), with the cell's options; checked the same way.
@@ -383,7 +390,15 @@ def run_bench(
                              overwrite=True, seed=seed, save_dtype=save_dtype, progress=progress, **resolved[method])
                 finally:
                     plan_file.unlink(missing_ok=True)
-            elif not reuse:  # a distilled cell reuses the model its plain cell kept, if made the same way
+                rebuilt = True
+            if distilled and rebuilt:
+                try:  # the plain cell's model, or it is compressed again below
+                    _check_plan(source, json.loads((model_dir / "come_plan.json").read_text()), name)
+                    compress_seconds = source["row"].get("compress_seconds")  # what making that model cost
+                except ComeError as exc:
+                    print(f"[bench] {exc.args[0].split(';')[0]}: compressing instead", flush=True)
+                    rebuilt = False
+            if not reuse and not rebuilt:  # a plain cell, or a distilled one its plain cell cannot give
                 start = time.perf_counter()
                 try:
                     result = compress(model, ratio=ratio, method=base_of[method], out=model_dir, overwrite=True,
@@ -503,6 +518,17 @@ def _deleted_layers(cell: dict, options: dict) -> list[int] | None:
     original = max(max(layer["covers"]) for layer in layers) + 1
     kept = {layer["position_of"] for layer in layers}
     return sorted(set(range(original)) - kept)
+
+
+def _finished_cell(out: Path, name: str, settings: dict, label: str) -> dict | None:
+    """The finished, error-free cell `name` under `out`, if it was made with `settings` (else None)."""
+    cell_file = out / "cells" / f"{name}.json"
+    if not cell_file.is_file():
+        return None
+    cell = json.loads(cell_file.read_text())
+    if "error" in cell.get("row", {}) or migrate_settings(cell.get("settings") or {}, label) != settings:
+        return None
+    return cell
 
 
 def _replay_plan(cell: dict, method: str, options: dict) -> dict | None:
