@@ -12,6 +12,9 @@ from ..distill.options import DEFAULT_TOKENS, TOKENS_HELP  # light: the training
 from ..evaluation.tasks import PAPER_TASKS  # light: lm-eval is imported only when tasks run
 from ..methods import DEFAULT_METHOD  # light: the method modules are imported on first use
 
+MODEL_HELP = ("A model folder, .gguf file, hub id (online) or built-in name: smollm2-135m (SmolLM2-135M-Instruct, "
+              "the default) | gemma3-270m.")
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -184,7 +187,7 @@ def print_summary(plan: dict, out_dir: Optional[Path]) -> None:
 @_with_flags("options", _compression_flags())
 def compress(
     model: Optional[str] = typer.Argument(
-        None, help="Local HF folder, .gguf file, or hub id (online). Default: embedded SmolLM2-135M-Instruct."
+        None, help=MODEL_HELP
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     ratio: Optional[float] = typer.Option(
@@ -192,7 +195,7 @@ def compress(
     ),
     target_layers: Optional[int] = typer.Option(None, help="Number of decoder layers to keep (instead of --ratio)."),
     method: str = typer.Option(DEFAULT_METHOD, help="Compression method; `come methods` lists them."),
-    dtype: str = typer.Option("float32", help="Weight dtype: float32 | bfloat16 | float16."),
+    dtype: str = typer.Option("float32", help="Compute dtype: float32 | bfloat16 | float16 (the saved weights' dtype: --save-dtype)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto."),
     layerwise: bool = typer.Option(
         False, "--layerwise", help="Never hold the model: read one decoder layer at a time from MODEL's safetensors."
@@ -233,7 +236,7 @@ def compress(
 
 @app.command("eval")
 def eval_command(
-    model: Optional[str] = typer.Argument(None, help="Model folder, .gguf file or hub id. Default: embedded SmolLM2-135M."),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     ppl: str = typer.Option("wikipedia,lambada", help="Perplexity sources (comma list; 'none' to skip): wikipedia | lambada | file | HF dataset."),
     tasks: str = typer.Option("all", help=f"Zero-shot tasks: all ({','.join(PAPER_TASKS)}), a comma list, or none."),
     limit: Optional[int] = typer.Option(None, help="Documents per zero-shot task (quick runs); written into the results."),
@@ -382,7 +385,7 @@ def _bench_flags() -> list:
 @_with_flags("options", _bench_flags())
 def bench(
     click_context: typer.Context,
-    model: Optional[str] = typer.Argument(None, help="Model to compress. Default: embedded SmolLM2-135M."),
+    model: Optional[str] = typer.Argument(None, help="Model to compress: " + MODEL_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results folder; finished cells found there are "
                                        "skipped. Required unless --definition names one."),
     definition: Optional[Path] = typer.Option(
@@ -493,11 +496,12 @@ def export_gguf_command(
 
 @app.command("run")
 def run_command(
-    recipe: Path = typer.Argument(..., help="A recipe YAML (see recipes/ and `come run --help`)."),
+    recipe: Path = typer.Argument(..., help="A recipe YAML (examples in recipes/; every key in docs/usage.md)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder; overrides the recipe's `out`."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Run a recipe: compress -> (distill) -> (eval), each stage skipped when its recorded settings match.
+    """Run a recipe: compress -> (distill) -> (eval) -> (GGUF export), each stage skipped when its recorded
+    settings match.
 
     The recipe is validated before any work; a run killed in the middle continues at the stage that
     did not finish when run again.
@@ -541,7 +545,7 @@ def distill_command(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder and discard an unfinished run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summary."),
 ) -> None:
-    """Distil a compressed model from its original: per-layer (stage 1), then optionally end to end (stage 2)."""
+    """Distil a compressed model from its original: end to end (stage 2) by default; per-layer first (stage 1) with --layers."""
     try:
         from ..distill import distill
 

@@ -1,4 +1,4 @@
-"""`come run RECIPE.yaml`: compress -> (distill) -> (eval) declared in one file.
+"""`come run RECIPE.yaml`: compress -> (distill) -> (eval) -> (GGUF export) declared in one file.
 
 A recipe is validated as a whole before any work (unknown keys, wrong types and
 impossible combinations are one error naming the key). Each stage writes into

@@ -57,7 +57,7 @@ class Option:
 
 # Options every method reads (some only matter to the methods named in their help).
 SHARED: tuple[Option, ...] = (
-    Option("calib", str, "wikipedia", "Calibration text: wikipedia | lambada | a .txt/.jsonl/.parquet file | HF dataset "
+    Option("calib", str, "wikipedia", "Calibration text: wikipedia | lambada | a .txt/.json/.jsonl/.parquet file | HF dataset "
                                       "(online) | a mixture A+B (equal shares, e.g. wikipedia+lambada)."),
     Option("nsamples", int, 32, "Calibration sequences.", min=1),
     Option("seqlen", int, 512, "Tokens per calibration sequence.", min=2),

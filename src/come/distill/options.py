@@ -38,7 +38,7 @@ TOKENS_HELP = ("Training tokens drawn from --data (stage 2 makes one pass over t
 
 @dataclass
 class DistillOptions:
-    data: str = _opt("wikipedia", "Training text (calib split): wikipedia | lambada | a .txt/.jsonl/.parquet file | HF "
+    data: str = _opt("wikipedia", "Training text (calib split): wikipedia | lambada | a .txt/.json/.jsonl/.parquet file | HF "
                                   "dataset | a mixture A+B.")
     seqlen: int = _opt(512, "Tokens per training sequence.", min=2)
     epochs: int = _opt(1, "Stage-1 passes over the tokens.", min=1)
