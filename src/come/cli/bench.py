@@ -368,19 +368,22 @@ def run_bench(
                      and migrate_settings(json.loads(stamp.read_text()), method) == made_with)
             # The finished cell whose plan the model can be rebuilt from: this cell's own (--fill-kl), or, for a
             # distilled cell, its plain cell's (the same compression, so its search need not run again).
-            source = previous if fill else (_finished_cell(out, cell_name(method, ratio), made_with, method)
-                                            if distilled and not reuse else None)
+            source = None  # none needed when a kept model is reused
+            if not reuse and fill:
+                source = previous
+            elif not reuse and distilled:
+                source = _finished_cell(out, cell_name(method, ratio), made_with, method)
             dropped = _deleted_layers(source, resolved[method]) if source is not None else None
             replay = (_replay_plan(source, base_of[method], resolved[method])
                       if source is not None and dropped is None else None)
             rebuilt = False
-            if dropped is not None and not reuse:
+            if dropped is not None:
                 # Its plan only deletes layers: `drop` replays it in one pass instead of rerunning the search;
                 # the plan is checked below (and, for a fill, the perplexities by _add_fidelity).
                 compress(model, ratio=ratio, method="drop", drop_layers=dropped, out=model_dir, overwrite=True,
                          seed=seed, save_dtype=save_dtype, progress=progress)
                 rebuilt = True
-            elif replay is not None and not reuse:
+            elif replay is not None:
                 # A come-search or CoMe plan: `replay` applies its recorded steps without the search (the chosen
                 # operations only), with the cell's options; checked the same way.
                 plan_file = out / "models" / f"{name}.replay.json"
@@ -391,12 +394,13 @@ def run_bench(
                 finally:
                     plan_file.unlink(missing_ok=True)
                 rebuilt = True
-            if distilled and rebuilt:
-                try:  # the plain cell's model, or it is compressed again below
-                    _check_plan(source, json.loads((model_dir / "come_plan.json").read_text()), name)
+            if distilled and rebuilt:  # the plain cell's model, or it is compressed again below
+                difference = _plan_difference(source, json.loads((model_dir / "come_plan.json").read_text()))
+                if difference is None:
                     compress_seconds = source["row"].get("compress_seconds")  # what making that model cost
-                except ComeError as exc:
-                    print(f"[bench] {exc.args[0].split(';')[0]}: compressing instead", flush=True)
+                else:
+                    print(f"[bench] {name}: the rebuilt model's plan differs from the plain cell's ({difference}): "
+                          "compressing instead", flush=True)
                     rebuilt = False
             if not reuse and not rebuilt:  # a plain cell, or a distilled one its plain cell cannot give
                 start = time.perf_counter()
@@ -591,12 +595,17 @@ def _plan_identity(layers: list[dict] | None) -> list[dict] | None:
     return out
 
 
-def _check_plan(cell: dict, plan: dict, name: str) -> None:
+def _plan_difference(cell: dict, plan: dict) -> str | None:
+    """Where a rebuilt model's plan differs from the one `cell` recorded, or None when it is the same plan."""
     recorded, rebuilt = _plan_identity(cell.get("plan_layers")), _plan_identity(plan["layers"])
-    if not _same_plan(recorded, rebuilt, newer_keys=True):
-        raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one "
-                        f"({_first_difference(recorded, rebuilt)[:300]}); its KL would not describe the cell's "
-                        "model (rerun the cell instead)")
+    return None if _same_plan(recorded, rebuilt, newer_keys=True) else _first_difference(recorded, rebuilt)[:300]
+
+
+def _check_plan(cell: dict, plan: dict, name: str) -> None:
+    difference = _plan_difference(cell, plan)
+    if difference is not None:
+        raise ComeError(f"{name}: the rebuilt model's plan differs from the recorded one ({difference}); its KL "
+                        "would not describe the cell's model (rerun the cell instead)")
 
 
 def _add_fidelity(cell: dict, evaluation: dict, name: str) -> None:
