@@ -55,6 +55,7 @@ VARIANTS = {
     "come-search[kl,ratios,error+loss]": ("come-search", {"search_loss": "kl", "search_ratios": (0.5,),
                                                           "search_deletion_rank": "error+loss"}),
     "come-search[no-refit]": ("come-search", {"refit": False}),
+    "come-search[no-screen]": ("come-search", {"search_finalists": 0}),
     "shortgpt[refit]": ("shortgpt", {"refit": True}),
     "sleb[kl]": ("sleb", {"search_loss": "kl"}),
     "replaceme[cosine,2-blocks]": ("replaceme", {"replaceme_objective": "cosine", "replaceme_epochs": 2,

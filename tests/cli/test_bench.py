@@ -173,9 +173,16 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     old = {**grid, "compress_options": {"nsamples": 32, "seqlen": 512, "search_samples": None, "granularity": 20},
            "method_options": {"search_samples": 4}, "base_method": "come-search"}
     new = migrate_settings(old, "come-search-512")
+    # made before come-search's finalists screen: every candidate scored, whatever today's default
     assert new == {**grid, "method": "come-search",
-                   "options": cell_options("come-search", {"nsamples": 32, "seqlen": 512, "search_samples": 4})}
+                   "options": cell_options("come-search", {"nsamples": 32, "seqlen": 512, "search_samples": 4,
+                                                           "search_finalists": 0})}
+    assert cell_options("come-search", {})["search_finalists"] != 0
     assert migrate_settings(new, "come-search-512") == new
+    before_screen = {k: v for k, v in new["options"].items() if not k.startswith("search_finalist")}
+    assert migrate_settings({**new, "options": before_screen}, "come-search-512") == new
+    shortgpt = {**grid, "method": "shortgpt", "options": cell_options("shortgpt", {})}
+    assert migrate_settings(shortgpt, "shortgpt") == shortgpt  # an option it does not read is not added
     assert migrate_settings({**grid, "compress_options": {}, "method_options": {}}, "dense") == grid
     distilled = migrate_settings({**old, "distill": {"tokens": 256, "lora": 0}}, "come-search-512+distill")
     assert distilled["distill"]["tokens"] == 256 and distilled["distill"]["lora"] == 0
@@ -199,7 +206,11 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
             "--ratios", "0.2", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--tasks", "none", "--report-only",
             "--set", "come-search-512.nsamples=32", "--set", "come-search-512.seqlen=512",
             "--set", "come-search-512.search_samples=4", "-q"]
+    # The old come-search cell scored every candidate: today's default screen is another setting.
     result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "not run yet: come-search-512-r0.2, come-search-r0.2." in (out / "results.md").read_text()
+    result = runner.invoke(app, args + ["--set", "come-search-512.search_finalists=0"])
     assert result.exit_code == 0, result.output
     # come-search ran with its own 128 x 128 calibration: the bench no longer gives it 32 x 512.
     assert "not run yet: come-search-r0.2." in (out / "results.md").read_text()

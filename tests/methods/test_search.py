@@ -119,6 +119,49 @@ def test_reusing_candidates_between_steps_changes_nothing(refit, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _key(c):
+    return (c["op"], c["window"][0], c["ratios"]) if c["op"] == "merge" else (c["op"], c["layer"])
+
+
+def _first_step(**options):
+    """The first step of a search of 8 sequences, batches of 2, taking an 8-layer model to 5 layers."""
+    options = {"search_samples": 8, "search_windows": 4, "search_deletions": 4, **options}
+    result = compress(LoadedModel(tiny_model("llama", seed=10, num_hidden_layers=8), None, {}), target_layers=5,
+                      method="come-search", tokens=TOKENS, progress=False, batch_size=2, **options)
+    return result.plan["steps"][0]
+
+
+def test_the_finalists_screen_scores_the_n_best_of_the_screen_on_every_sequence_exactly():
+    exact, short = _first_step(search_finalists=0), _first_step(search_samples=4, search_finalists=0)
+    screened = _first_step(search_finalists=3, search_finalist_samples=4)
+    candidates = screened["candidates"]
+    assert [_key(c) for c in candidates] == [_key(c) for c in exact["candidates"]] and len(candidates) == 8
+    # The screen's loss is the loss on its sequences; the finalists are its 3 lowest (ties: the earlier).
+    assert [c["screen_loss"] for c in candidates] == [c["loss"] for c in short["candidates"]]
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i]["screen_loss"], i))
+    finalists = sorted(order[:3])
+    assert [i for i, c in enumerate(candidates) if c["loss"] is not None] == finalists
+    # A split at a multiple of the batch size adds up to the float of one pass over all 8 sequences.
+    for i in finalists:
+        assert candidates[i]["loss"] == exact["candidates"][i]["loss"]
+    best = min(finalists, key=lambda i: (candidates[i]["loss"], i))
+    assert _key(screened["chosen"]) == _key(candidates[best])
+    assert screened["best_deletion_loss"] == min((candidates[i]["loss"] for i in finalists
+                                                  if candidates[i]["op"] == "delete"), default=None)
+    # Enough finalists to hold the winner over all sequences: the pick is the unscreened one.
+    winner = [_key(c) for c in exact["candidates"]].index(_key(exact["chosen"]))
+    assert winner not in finalists  # this model's screen does change the pick at 3 finalists
+    assert order.index(winner) + 1 < len(candidates)  # still a screen
+    wider = _first_step(search_finalists=order.index(winner) + 1, search_finalist_samples=4)
+    assert _key(wider["chosen"]) == _key(exact["chosen"])
+
+
+def test_a_screen_that_keeps_every_candidate_or_every_sequence_is_no_screen():
+    exact = _first_step(search_finalists=0)
+    for options in ({"search_finalists": 8}, {"search_finalists": 2, "search_finalist_samples": 8}):
+        assert _first_step(**options) == exact
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("rank", ["error", "bi"])
 def test_deletion_candidates_are_the_layers_of_lowest_skip_error_or_bi(rank):
@@ -185,9 +228,9 @@ def test_a_candidate_whose_model_diverges_is_never_chosen_and_the_plan_stays_str
 
     original, calls = BoundaryCache.run_through, []
 
-    def run_through(self, start, stack, samples=None):
+    def run_through(self, start, stack, samples=None, skip=0):
         calls.append(start)
-        for rows, x in original(self, start, stack, samples):
+        for rows, x in original(self, start, stack, samples, skip):
             yield rows, (x * float("nan") if len(calls) == 1 else x)
 
     monkeypatch.setattr(BoundaryCache, "run_through", run_through)
@@ -223,7 +266,7 @@ PLAN_CASES = {  # name: (family, model overrides)
 
 
 def _default_plan(family, overrides):
-    """What the default picks on an 8-layer tiny model taken to 4 layers: every step's candidates and
+    """What the default without its finalists screen picks on an 8-layer tiny model taken to 4 layers: every step's candidates and
     choice, every candidate refit's damping (and its ranking of the grid), and the final layers
     (covers, kept channels, refits)."""
     from come.engine.pipeline import CompressionContext
@@ -240,7 +283,10 @@ def _default_plan(family, overrides):
     CompressionContext.refit_candidate = recording
     try:
         model = tiny_model(family, seed=21, num_hidden_layers=8, **overrides)
-        result = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4)
+        # Every candidate scored on every sequence, as when the plans were recorded (the default's screen
+        # came later and changes picks on these tiny models: tests/test_plans.py records it).
+        result = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4,
+                          search_finalists=0)
     finally:
         CompressionContext.refit_candidate = original
 

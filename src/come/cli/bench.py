@@ -88,6 +88,18 @@ def distill_settings(given: dict) -> dict:
 # Distillation options added after cells were made, with the value that reproduces what those cells ran:
 # stage 2 in float32 (the default is now bfloat16 autocast where the device has it natively).
 DISTILL_BEFORE = {"autocast": "off"}
+# Compression options added after cells were made, likewise: come-search scored every candidate on all its
+# scored sequences before its finalists screen.
+COMPRESS_BEFORE = {"search_finalists": 0, "search_finalist_samples": 4}
+
+
+def _compress_before(method: str, options: dict) -> dict:
+    """`options` (a cell's resolved options) with the COMPRESS_BEFORE value of every option `method` reads
+    that they lack: the cell was made before that option existed."""
+    from ..methods import get_spec
+
+    reads = {o.name for o in get_spec(method).options}
+    return {**{k: v for k, v in COMPRESS_BEFORE.items() if k in reads}, **options}
 
 
 def migrate_settings(settings: dict, label: str) -> dict:
@@ -98,9 +110,12 @@ def migrate_settings(settings: dict, label: str) -> dict:
     distilled cell. They resolve now as they did when the cell ran, provided no default the cell relied on
     changed since (the old key could not tell; such cells were relabelled or pinned by hand). Settings in
     today's form are returned unchanged."""
-    if "compress_options" not in settings:
-        if "distill" in settings:  # resolved before an option existed: that option's behaviour then
-            return {**settings, "distill": {**distill_settings(DISTILL_BEFORE), **settings["distill"]}}
+    if "compress_options" not in settings:  # resolved before an option existed: that option's behaviour then
+        settings = dict(settings)
+        if "options" in settings:
+            settings["options"] = _compress_before(settings["method"], settings["options"])
+        if "distill" in settings:
+            settings["distill"] = {**distill_settings(DISTILL_BEFORE), **settings["distill"]}
         return settings
     old = dict(settings)
     bench_wide = {k: v for k, v in (old.pop("compress_options") or {}).items() if v is not None}
@@ -110,7 +125,7 @@ def migrate_settings(settings: dict, label: str) -> dict:
     method = label.removesuffix(DISTILLED)
     if method != DENSE:
         old["method"] = base or method
-        old["options"] = cell_options(old["method"], {**bench_wide, **own})
+        old["options"] = cell_options(old["method"], {**_compress_before(old["method"], {}), **bench_wide, **own})
     if distill is not None:
         old["distill"] = distill_settings({**DISTILL_BEFORE, **distill})
     return old

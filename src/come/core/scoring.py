@@ -87,6 +87,14 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
     return states[0], kwargs
 
 
+def mean_loss(parts: tuple[float, int]) -> float:
+    """Per-token loss from (sum, count). A stack whose output overflows (NaN/Inf) scores +inf, so no
+    search prefers it to a finite one (min() over a list holding NaN depends on its position); plans
+    record it as null."""
+    total, count = parts
+    return total / count if math.isfinite(total) else math.inf
+
+
 class ModelLayers:
     """Decoder layers of a model held in memory: its own ModuleList.
 
@@ -273,20 +281,24 @@ class BoundaryCache:
         return [(k, self.layer_kwargs[k]) for k in range(start, self.num_layers)]
 
     @torch.no_grad()
-    def run_through(self, start: int, stack: list[tuple[nn.Module | int, dict]], samples: int | None = None):
-        """Yield (batch slice, output) of feeding boundary h_start through `stack`.
+    def run_through(self, start: int, stack: list[tuple[nn.Module | int, dict]], samples: int | None = None,
+                    skip: int = 0):
+        """Yield (batch slice, output) of feeding boundary h_start through `stack`, for sequences
+        `skip`..`samples`-1 (default: all), in the calibration batches clipped to that range.
 
         A stack entry is (layer, kwargs): a module, or the index of a current layer. The pass
         runs layer by layer over every batch, so a current layer is fetched once per pass (one
         read from the checkpoint in layer-wise mode) and at most one is held at a time; the
-        activations of the `samples` sequences it feeds stay on the compute device meanwhile.
+        activations of the sequences it feeds stay on the compute device meanwhile.
         """
         self.boundary(start)
         batches = []
         for b0, b1 in self.batches():
             if samples is not None and b0 >= samples:
                 break
-            batches.append((b0, b1 if samples is None else min(b1, samples)))
+            b0, b1 = max(b0, skip), (b1 if samples is None else min(b1, samples))
+            if b0 < b1:
+                batches.append((b0, b1))
         xs = [self.h[start][b0:b1].to(self.device, self.compute_dtype) for b0, b1 in batches]
         for layer, kwargs in stack:
             module = self.layers[layer] if isinstance(layer, int) else layer
@@ -308,11 +320,21 @@ class BoundaryCache:
           cached last boundary. Every vocabulary entry informs it, not only the one token that came
           next, so a few sequences rank candidates with less sampling noise.
         """
+        return mean_loss(self.loss_sum_through(start, stack, samples))
+
+    @torch.no_grad()
+    def loss_sum_through(self, start: int, stack: list[tuple[nn.Module, dict]], samples: int | None = None,
+                         skip: int = 0) -> tuple[float, int]:
+        """(sum of the per-token losses, token count) of `loss_through` over sequences `skip`..`samples`-1.
+
+        The sum is taken batch by batch in order, so the parts of a split at a multiple of the batch
+        size add up (left to right) to the very float the whole range gives.
+        """
         total, count = 0.0, 0
         kl = self.loss_kind == "kl"
         teacher = self.teacher_boundary(self.num_layers_original) if kl else None
         with self.layers.head() as (norm, head):
-            for rows, x in self.run_through(start, stack, samples):
+            for rows, x in self.run_through(start, stack, samples, skip):
                 # The logits of a whole batch (rows x tokens x vocabulary) are the search's largest
                 # tensor: they go through the head a few sequences at a time. Each token's log-softmax
                 # is its own, so the per-token values, and their sum over the batch, are those of one pass.
@@ -331,9 +353,7 @@ class BoundaryCache:
                 per_token = torch.cat(per_token)
                 total += float(per_token.sum())
                 count += per_token.shape[0] * per_token.shape[1]
-        # A stack whose output overflows (NaN/Inf) scores +inf, so no search prefers it to a finite one
-        # (min() over a list holding NaN depends on its position); plans record it as null.
-        return total / count if math.isfinite(total) else math.inf
+        return total, count
 
     @staticmethod
     def _head_chunks(x: torch.Tensor, head: nn.Module) -> list[slice]:

@@ -32,6 +32,13 @@ BUILTIN: tuple[MethodSpec, ...] = (
                    "and loss (error+loss: more layer passes; results in bench/results/README.md)."),
             Option("search_screen_samples", int, 2, "calibration sequences of the loss screen of "
                                                      "--search-deletion-rank loss / error+loss.", min=1),
+            Option("search_finalists", int, 3, "candidates scored on all --search-samples sequences: the N of "
+                                               "lowest loss on the first --search-finalist-samples go on, the "
+                                               "others are dropped (a screen: cheaper, and the same pick whenever "
+                                               "the winner is among the N; 0: no screen).", min=0),
+            Option("search_finalist_samples", int, 4, "calibration sequences of the --search-finalists screen "
+                                                       "(a multiple of --batch-size keeps the finalists' losses "
+                                                       "bit-identical to an unscreened run's).", min=1),
             Option("search_ratios", tuple[float, ...], (), "first-layer channel shares tried besides the BI ratio "
                                                            "(none by default: slower, and no better in "
                                                            "bench/results/README.md).", min=0, max=1),

@@ -23,16 +23,21 @@ With `refit` on (the default) each candidate is refitted before it is scored:
 the layer that stands for the changed span gets the closed-form down_proj of
 `core/refit.py`. A candidate's score is the calibration loss (next-token
 cross-entropy on the first `search_samples` sequences) of the model with it in
-place, run from the boundary cache at the changed position only. The lowest
-loss wins (ties: the earlier candidate in the order above), so at every step
-the chosen operation's loss is no higher than that of the best deletion
-candidate. Every candidate's loss is in the plan's steps.
+place, run from the boundary cache at the changed position only. With
+`search_finalists` N > 0 (the default), every candidate is first scored on the
+first `search_finalist_samples` of those sequences, and only the N lowest go
+on to the rest (a screen: the pick is unchanged whenever the winner over all
+sequences is among them). The lowest loss wins (ties: the earlier candidate in
+the order above), so at every step the chosen operation's loss is no higher
+than that of the best deletion finalist. Every candidate's loss (or screen
+loss) is in the plan's steps.
 """
 
 from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from ..core.scoring import mean_loss
 from ..errors import MergeError
 from .come import bi_ratios, merge_with_ratios
 from .come_p import candidate_ratios
@@ -95,6 +100,32 @@ def deletion_candidates(ctx, bi, errors, screen: dict[int, float] | None = None)
     return chosen
 
 
+def score_candidates(cache, candidates, samples: int | None, finalists: int, screen_samples: int) -> None:
+    """Set each candidate entry's "loss": the calibration loss on the first `samples` sequences of the
+    model with the candidate in place (its "pass": where the changed part starts, and the stack run
+    from there).
+
+    With `finalists` N > 0 (and more than N candidates), every candidate is first scored
+    on the first `screen_samples` sequences (recorded as "screen_loss"); only the N lowest (ties: the
+    earlier) go on to the rest, so only they get a loss. A finalist's loss is the sum over both parts,
+    which is the float one pass gives when `screen_samples` is a multiple of the batch size: the
+    screen changes a pick only when the whole-sample winner is not among the screen's N best.
+    """
+    total = cache.tokens.shape[0] if samples is None else min(samples, cache.tokens.shape[0])
+    if not finalists or finalists >= len(candidates) or screen_samples >= total:
+        for c in candidates:
+            c["entry"]["loss"] = cache.loss_through(*c["pass"], samples=total)
+        return
+    screens = [cache.loss_sum_through(*c["pass"], samples=screen_samples) for c in candidates]
+    for c, part in zip(candidates, screens):
+        c["entry"]["screen_loss"] = mean_loss(part)
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i]["entry"]["screen_loss"], i))
+    for i in sorted(order[:finalists]):
+        first, stack = candidates[i]["pass"]
+        rest = cache.loss_sum_through(first, stack, samples=total, skip=screen_samples)
+        candidates[i]["entry"]["loss"] = mean_loss((screens[i][0] + rest[0], screens[i][1] + rest[1]))
+
+
 class _Memo:
     """Candidate layers (and channel sensitivities) kept between steps while still valid.
 
@@ -151,13 +182,13 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
             key = _window_key(ctx, "merge", window, (name, tuple(round(r, 9) for r in ratios), opts.refit))
             merged, record, refit = memo.get(key, build)
             stack = [(merged, cache.layer_kwargs[start + record["position"]])] + cache.current_stack(start + size)
-            loss = cache.loss_through(start, stack, samples=samples)
             entry = {"op": "merge", "window": [start, start + size - 1], "covers": covers, "ratios": name,
-                     "ratio_values": [round(r, 6) for r in ratios], "loss": loss}
+                     "ratio_values": [round(r, 6) for r in ratios], "loss": None}
             if refit is not None:
                 entry["refit_error"] = [refit["error_before"], refit["error_after"]]
             scored.append(entry)
-            candidates.append({"entry": entry, "layer": merged, "record": record, "refit": refit, "start": start})
+            candidates.append({"entry": entry, "layer": merged, "record": record, "refit": refit, "start": start,
+                               "pass": (start, stack)})
 
     # Deletions: the span of layer k goes to the layer before it (after it, for layer 0).
     for k in deletion_candidates(ctx, bi, errors, screen):
@@ -176,21 +207,23 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
             stack = [(layer, cache.layer_kwargs[owner])] + cache.current_stack(max(owner, k) + 1)
         else:  # as SLEB: h_k fed to the layers after k
             stack, first = cache.current_stack(k + 1), k
-        loss = cache.loss_through(first, stack, samples=samples)
         entry = {"op": "delete", "layer": k, "covers": list(ctx.records[k]["covers"]), "owner_covers": covers,
                  "bi": round(bi[k].item(), 6),
-                 "skip_error": round(errors[k], 6), "loss": loss}
+                 "skip_error": round(errors[k], 6), "loss": None}
         if refit is not None:
             entry["refit_error"] = [refit["error_before"], refit["error_after"]]
         scored.append(entry)
-        candidates.append({"entry": entry, "layer": layer, "refit": refit, "delete": k})
+        candidates.append({"entry": entry, "layer": layer, "refit": refit, "delete": k, "pass": (first, stack)})
 
     if not candidates:
         raise MergeError(
             f"come-search has no candidate at {ctx.num_layers} layers: raise --search-windows or --search-deletions"
         )
+    score_candidates(cache, candidates, samples, opts.search_finalists, opts.search_finalist_samples)
     # The lowest loss; ties go to the earlier candidate (merges by window distance, then deletions by BI).
-    chosen = min(enumerate(candidates), key=lambda item: (item[1]["entry"]["loss"], item[0]))[1]
+    # A candidate the screen left out has no loss and is never chosen.
+    finalists = [(i, c) for i, c in enumerate(candidates) if c["entry"]["loss"] is not None]
+    chosen = min(finalists, key=lambda item: (item[1]["entry"]["loss"], item[0]))[1]
     step = {
         "step": len(ctx.steps),
         "layers_before": ctx.num_layers,
@@ -200,7 +233,8 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
         **({"screen_loss": {k: round(v, 6) for k, v in screen.items()}} if screen is not None else {}),
         "candidates": scored,
         "chosen": chosen["entry"],
-        "best_deletion_loss": min((c["loss"] for c in scored if c["op"] == "delete"), default=None),
+        "best_deletion_loss": min((c["loss"] for c in scored if c["op"] == "delete" and c["loss"] is not None),
+                                  default=None),
     }
     ctx.steps.append(step)
     if "delete" in chosen:
