@@ -53,6 +53,39 @@ def test_scores_match_definitions():
 
 
 @torch.no_grad()
+def test_sensitivities_from_the_boundary_pass_equal_a_pass_of_their_own_and_follow_changes():
+    import copy
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    adapter = adapter_for(model.config)
+    cache = BoundaryCache(model, adapter, tiny_tokens(), batch_size=3, progress=False)
+
+    def own_pass(k):  # what channel_sensitivity computes when nothing was gathered for layer k
+        kept = cache.activation_sums.pop(k)
+        try:
+            return cache.channel_sensitivity(k)
+        finally:
+            cache.activation_sums[k] = kept
+
+    assert sorted(cache.activation_sums) == list(range(6))  # gathered by the calibration pass
+    for k in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(cache.channel_sensitivity(k), own_pass(k)))
+    # Layer 3 changes: its sums and those after it are gathered again, on the new weights and inputs.
+    before = {k: cache.channel_sensitivity(k) for k in range(6)}
+    layers = adapter.layers(model)
+    new_layer = copy.deepcopy(layers[3])
+    new_layer.mlp.up_proj.weight.mul_(2)
+    layers[3] = new_layer
+    cache.invalidate_from(3)
+    assert sorted(cache.activation_sums) == [0, 1, 2]
+    after = {k: cache.channel_sensitivity(k) for k in range(6)}
+    assert sorted(cache.activation_sums) == list(range(6))
+    for k in range(6):
+        assert all(torch.equal(a, b) for a, b in zip(after[k], own_pass(k)))
+        assert all(torch.equal(a, b) for a, b in zip(after[k], before[k])) == (k < 3)
+
+
+@torch.no_grad()
 def test_non_finite_activation_names_the_layer():
     model = tiny_model("llama")
     adapter_for(model.config).layers(model)[4].mlp.down_proj.weight[0, 0] = float("nan")

@@ -177,6 +177,9 @@ class BoundaryCache:
         self.layer_passes = 0.0
         self.teacher: list | None = None  # set once the original model's boundaries are computed
         self.teacher_store = teacher_store
+        # {k: {"o": sum |x| over the calibration tokens entering layer k's o_proj, "down": likewise for
+        # down_proj}}, gathered while the boundaries are computed: channel sensitivities without a layer pass.
+        self.activation_sums: dict[int, dict[str, torch.Tensor]] = {}
 
         # Layer kwargs depend only on the sequence shape (no padding in
         # calibration), so one single-sequence capture serves every batch.
@@ -236,6 +239,7 @@ class BoundaryCache:
                     moved[0 : boundary.shape[0]] = boundary
                     self.teacher[i] = moved
         del self.h[start + 1 :]
+        self.activation_sums = {k: v for k, v in self.activation_sums.items() if k < start}
 
     def ensure_fresh(self) -> None:
         if len(self.h) < self.num_layers + 1:
@@ -264,14 +268,16 @@ class BoundaryCache:
         )
         for k in steps:
             out = self.store.new(self.h[k].shape, self.storage_dtype)
-            for b0, b1 in self.batches():
-                y = self.run_layer(k, self.h[k][b0:b1])
-                if not torch.isfinite(y).all():
-                    raise NonFiniteActivations(
-                        f"non-finite activations (NaN/Inf) at the output of {self.layer_name(k)}"
-                    )
-                out[b0:b1] = y.to(self.storage_dtype).cpu()
+            with self._summing_activations(k) as sums:
+                for b0, b1 in self.batches():
+                    y = self.run_layer(k, self.h[k][b0:b1])
+                    if not torch.isfinite(y).all():
+                        raise NonFiniteActivations(
+                            f"non-finite activations (NaN/Inf) at the output of {self.layer_name(k)}"
+                        )
+                    out[b0:b1] = y.to(self.storage_dtype).cpu()
             self.h.append(out)
+            self.activation_sums[k] = sums
             self.layers_run += 1
             self.layer_passes += 1
 
@@ -437,23 +443,13 @@ class BoundaryCache:
         query heads (HF pairing: query head q belongs to group q // reps).
         """
         self.ensure_fresh()
+        sums = self.activation_sums.get(k)
+        if sums is None:  # not gathered since layer k or its input last changed: one pass over the set
+            with self._summing_activations(k) as sums:
+                for b0, b1 in self.batches():
+                    self.run_layer(k, self.h[k][b0:b1])
         layer = self.layers[k]
         o_proj, down = self.adapter.o_proj(layer), self.adapter.down_proj(layer)
-        sums = {}
-
-        def accumulate(name):
-            def hook(module, args):
-                x = args[0].detach().float().abs()
-                sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0).double()
-            return hook
-
-        handles = [o_proj.register_forward_pre_hook(accumulate("o")), down.register_forward_pre_hook(accumulate("down"))]
-        try:
-            for b0, b1 in self.batches():
-                self.run_layer(k, self.h[k][b0:b1])
-        finally:
-            for h in handles:
-                h.remove()
         ntok = self.tokens.numel()
         o_score = (sums["o"].cpu() / ntok) * o_proj.weight.detach().double().abs().sum(0).cpu()
         ffn_score = (sums["down"].cpu() / ntok) * down.weight.detach().double().abs().sum(0).cpu()
@@ -462,6 +458,27 @@ class BoundaryCache:
         attn_score = o_score.reshape(-1, group_width).mean(1)
         return attn_score, ffn_score.cpu()
 
+
+    @contextmanager
+    def _summing_activations(self, k: int):
+        """Within the context, layer k's passes add sum |x| of the inputs of its o_proj and down_proj into
+        the dict yielded (float64 sums of each batch's float32 sums, batch by batch in order)."""
+        layer = self.layers[k]
+        sums: dict[str, torch.Tensor] = {}
+
+        def accumulate(name):
+            def hook(module, args):
+                x = args[0].detach().float().abs()
+                sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0).double()
+            return hook
+
+        handles = [self.adapter.o_proj(layer).register_forward_pre_hook(accumulate("o")),
+                   self.adapter.down_proj(layer).register_forward_pre_hook(accumulate("down"))]
+        try:
+            yield sums
+        finally:
+            for h in handles:
+                h.remove()
 
     @torch.no_grad()
     def output_norm_scales(self, k: int) -> dict[str, float]:
