@@ -5,7 +5,8 @@ never built in memory here), a child process loads it, takes the default calibra
 Wikipedia tokens, seed 0) and runs `come-search` for `--steps` search steps (or to `--ratio`), timing
 each step and the work inside it:
 
-- layer passes: candidate losses (`loss_through`) and boundary updates after a step (`recompute_from`);
+- layer passes: candidate losses (`loss_sum_through`: the screen and the finalists) and boundary updates
+  after a step (`recompute_from`);
 - refit statistics (`collect_stats`: the candidate layer's pass plus Z^T Z and Z^T Y);
 - refit solves (`choose_and_solve`: the damping walk's Cholesky solves plus the final one).
 
@@ -96,7 +97,7 @@ def worker(folder: str, steps: int | None, ratio: float | None, nsamples: int | 
         return real_solve(*args, **kwargs)
 
     refit._solve_shifted = counting_solve
-    BoundaryCache.loss_through = timed("losses", BoundaryCache.loss_through)
+    BoundaryCache.loss_sum_through = timed("losses", BoundaryCache.loss_sum_through)  # loss_through calls it
     BoundaryCache.recompute_from = timed("boundaries", BoundaryCache.recompute_from)
     refit.collect_stats = timed("refit_stats", refit.collect_stats)
     refit.choose_and_solve = timed("refit_solves", refit.choose_and_solve)
