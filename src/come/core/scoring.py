@@ -458,7 +458,6 @@ class BoundaryCache:
         attn_score = o_score.reshape(-1, group_width).mean(1)
         return attn_score, ffn_score.cpu()
 
-
     @contextmanager
     def _summing_activations(self, k: int):
         """Within the context, layer k's passes add sum |x| of the inputs of its o_proj and down_proj into
