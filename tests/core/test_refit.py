@@ -16,6 +16,7 @@ from come.core.refit import (
     lowest_on_grid,
     parse_damping,
     ridge_path,
+    ridge_solution_error,
     ridge_solve,
 )
 from come.engine.models import LoadedModel
@@ -203,6 +204,26 @@ def test_the_damping_grid_and_the_final_solve_equal_a_plain_float64_solve(rows):
     assert result.record["error_after"]["calibration"] == pytest.approx(
         float(((x @ result.weight.T - y) ** 2).sum() / (y**2).sum()), rel=1e-9)
     assert result.record["error_before"]["calibration"] == pytest.approx(float(((x @ w0.T - y) ** 2).sum() / (y**2).sum()), rel=1e-9)
+
+
+@pytest.mark.parametrize("rows", [300, 40])
+def test_the_error_of_a_ridge_solution_from_its_normal_equations_equals_the_error_of_its_rows(rows):
+    """`ridge_solution_error` reads the fit error of a solution off its normal equations instead of
+    forming X^T X W^T: it must equal the error computed from the rows, for every damping (0 included,
+    where a singular system takes the minimum-norm solution)."""
+    g = torch.Generator().manual_seed(11)
+    d_in, d_out = 48, 6
+    x = torch.randn(rows, d_in, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, d_in, dtype=torch.float64)
+    y = x @ torch.randn(d_in, d_out, generator=g, dtype=torch.float64) + 0.5 * torch.randn(rows, d_out, generator=g, dtype=torch.float64)
+    w0 = 0.1 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    stats = _stats(x, y)
+    for damping in (0.0, *DAMPING_GRID):
+        w = ridge_solve(stats, damping, w0)
+        from_rows = float(((x @ w.T - y) ** 2).sum())
+        # An exact fit (40 rows, no damping) has error 0 up to the cancellation of terms of size y^T y.
+        assert ridge_solution_error(stats, damping, w, w0) == pytest.approx(from_rows, rel=1e-9, abs=1e-12 * stats.yty), damping
+        if damping > 0:  # not an identity: a weight that is not the solution gets another error
+            assert ridge_solution_error(stats, damping, w0, w0) != pytest.approx(stats.error(w0), rel=1e-3)
 
 
 def test_rows_reach_the_statistics_in_blocks_of_at_least_d_in_rows(monkeypatch):

@@ -135,6 +135,16 @@ def ridge_solve(stats: RidgeStats, damping: float, w0: torch.Tensor | None = Non
     return _solve_shifted(stats.xtx, lam, b).T.contiguous()
 
 
+def ridge_solution_error(stats: RidgeStats, damping: float, w: torch.Tensor, w0: torch.Tensor) -> float:
+    """`stats.error(W)` of the solution W of `ridge_solve(stats, damping, w0)`, without `error`'s
+    d_in^2 x d_out product: the solution has X^T X W^T = X^T Y + lam (W0^T - W^T), so the error
+    <W^T, X^T X W^T> - 2 <W^T, X^T Y> + y^T y is lam <W^T, W0^T - W^T> - <W^T, X^T Y> + y^T y."""
+    lam = float(damping) * _scale(stats)
+    wt = w.to(stats.xty.device, torch.float64).T
+    w0t = w0.to(stats.xty.device, torch.float64).T
+    return max(0.0, float(lam * (wt * (w0t - wt)).sum() - (wt * stats.xty).sum() + stats.yty))
+
+
 def _solve_shifted(xtx: torch.Tensor, lam: float, b: torch.Tensor, work: torch.Tensor | None = None,
                    fallback: bool = True) -> torch.Tensor | None:
     """(X^T X + lam I)^-1 b by Cholesky; a system singular without damping gets the minimum-norm solution
@@ -311,7 +321,7 @@ def choose_and_solve(fit: RidgeStats, held_out: RidgeStats, w0: torch.Tensor, da
         if has_held:
             after["held_out"] = held_out.relative_error(ridge_solve(fit, damping_value, w0))
     weight = ridge_solve(total, damping_value, w0)
-    after = {"calibration": total.relative_error(weight), **after}
+    after = {"calibration": ridge_solution_error(total, damping_value, weight, w0) / max(total.tty, 1e-30), **after}
     record.update(damping=damping_value, applied=True, error_after=after)
     return RefitResult(weight, record)
 
