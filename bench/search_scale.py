@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def layer_flops(s: dict) -> float:
 
 
 # -- the measured child ---------------------------------------------------------
+def _loss_rows(cache, start, stack, samples=None, skip=0) -> int:
+    """Calibration sequences a `loss_sum_through(start, stack, samples, skip)` call scores."""
+    n = cache.tokens.shape[0]
+    return (n if samples is None else min(samples, n)) - skip
+
+
 def worker(folder: str, steps: int | None, ratio: float | None, nsamples: int | None, seqlen: int | None) -> dict:
     import come
     from come.core import refit
@@ -86,6 +93,8 @@ def worker(folder: str, steps: int | None, ratio: float | None, nsamples: int | 
                 if bucket is not None:
                     bucket[kind] = bucket.get(kind, 0.0) + time.process_time() - c
                     bucket[kind + "_calls"] = bucket.get(kind + "_calls", 0) + 1
+                    if kind == "losses":  # the sequences this loss ran the LM head on (a screen's few, or the rest)
+                        bucket["losses_rows"] = bucket.get("losses_rows", 0) + _loss_rows(cache, *args[1:], **kwargs)
                     bucket[kind + "_passes"] = bucket.get(kind + "_passes", 0.0) + getattr(cache, "layer_passes", 0.0) - passes
         return wrapper
 
@@ -142,11 +151,13 @@ def step_flops(s: dict, step: dict, cell: dict) -> dict:
     """The work of one measured step, in FLOPs per kind (what each kind's time should be proportional to)."""
     n, seqlen = cell["calibration"]
     tokens, h, f = n * seqlen, s["hidden"], s["intermediate"]
-    scored_tokens = min(cell["search_samples"] or n, n) * seqlen
+    # Sequences the losses ran the LM head on: counted per call (a finalists screen scores a few, then the
+    # rest); cells measured before that count scored every call on all the scored sequences.
+    head_rows = step.get("losses_rows", step.get("losses_calls", 0) * min(cell["search_samples"] or n, n))
     return {
         # decoder layers run for candidate losses and boundary updates, plus the LM head of every loss
         "passes": (step.get("losses_passes", 0.0) + step.get("boundaries_passes", 0.0)) * tokens * layer_flops(s)
-        + step.get("losses_calls", 0) * scored_tokens * 2.0 * h * cell["vocab"],
+        + head_rows * seqlen * 2.0 * h * cell["vocab"],
         "stats_passes": step.get("refit_stats_passes", 0.0) * tokens * layer_flops(s),  # each refit runs its layer
         "gram": step.get("refit_stats_calls", 0) * tokens * (f * f + 2.0 * f * h),  # Z^T Z (half, mirrored), Z^T Y
         "solve": step.get("solves", 0) * (f**3 / 3.0 + 4.0 * f * f * h),  # Cholesky, its two triangular solves, H @ D
@@ -168,17 +179,32 @@ def fit_law(cells: list[dict]) -> dict:
     return {"passes": a, "gram": b, "solve": c}
 
 
-def real_passes_per_layer(plan_steps: list[dict], scored: float) -> float:
+def real_passes_per_layer(plan_steps: list[dict], scored: float, screen: tuple[int, float] | None = None) -> float:
     """Whole-set layer passes per step and model layer for candidate losses and boundary updates, from where a
     real plan's candidates sat. Random weights put every candidate near the last layers, so the synthetic
     shapes undercount the passes a real model's mid-depth candidates make. A merge of window [s, s+1] runs
     L - s - 1 layers on the scored sequences (`scored`: their share), a deletion of k with its refitted owner
-    L - k; the boundary update after the chosen change reruns every layer from its first changed position."""
+    L - k; the boundary update after the chosen change reruns every layer from its first changed position.
+
+    `screen` (finalists N, the screen's share of the set): every candidate runs on the screen's sequences and
+    only the N lowest on the rest, as the default's finalists screen does. The N are those of lowest
+    "screen_loss" where the plan recorded one, else of lowest loss (a plan made without the screen: the
+    whole-sample loss stands in for the screen's, an approximation of which candidates went on)."""
     per_step = []
     for i, st in enumerate(plan_steps):
         layers = st["layers_before"]
-        passes = sum((layers - c["window"][0] - 1) if c["op"] == "merge" else (layers - c["layer"])
-                     for c in st["candidates"]) * scored
+        depth = [(layers - c["window"][0] - 1) if c["op"] == "merge" else (layers - c["layer"]) for c in st["candidates"]]
+        if screen is None or screen[0] <= 0 or screen[0] >= len(depth):
+            passes = sum(depth) * scored
+        else:
+            finalists, share = screen
+
+            def rank(j, c):
+                value = c.get("screen_loss", c.get("loss"))
+                return (math.inf if value is None else value, j)
+
+            order = sorted(range(len(depth)), key=lambda j: rank(j, st["candidates"][j]))[:finalists]
+            passes = sum(depth) * share + sum(depth[j] for j in order) * (scored - share)
         if i:  # the previous step's boundary update, made lazily at the start of this one
             prev = plan_steps[i - 1]["chosen"]
             first = prev["window"][0] if prev["op"] == "merge" else max(prev["layer"] - 1, 0)
@@ -288,11 +314,14 @@ def report(args, cells_dir: Path) -> None:
     steps = [(c, st) for c in cells for st in c["steps"]]
     per_layer = sum((st.get("losses_passes", 0.0) + st.get("boundaries_passes", 0.0)) / st["layers_before"]
                     for c, st in steps) / len(steps)
-    counts = {k: sum(st.get(k, 0) for _, st in steps) / len(steps)
-              for k in ("losses_calls", "refit_stats_calls", "refit_stats_passes", "solves")}
+    counted = ("losses_calls", "refit_stats_calls", "refit_stats_passes", "solves")
+    if all("losses_rows" in st for _, st in steps):  # cells that counted the LM head's sequences per loss
+        counted += ("losses_rows",)
+    counts = {k: sum(st.get(k, 0) for _, st in steps) / len(steps) for k in counted}
     real = json.loads(Path(args.real_plan).read_text())
     real_steps = real.get("plan_steps") or real.get("steps")
-    real_per_layer = real_passes_per_layer(real_steps, 16 / 128)
+    # The default's screen (3 finalists of 4 sequences, 16 of 128 scored), whatever the plan was made with.
+    real_per_layer = real_passes_per_layer(real_steps, 16 / 128, screen=(3, 4 / 128))
     lines += [
         "",
         "Columns: CPU s is the whole step. Candidate losses: the candidates run from their first changed layer to the "
@@ -313,11 +342,13 @@ def report(args, cells_dir: Path) -> None:
         f"- c = {law['solve'] * 1e9:.3g} s per GFLOP ({1e-9 / max(law['solve'], 1e-30):.1f} GFLOP/s float64 solves);",
         f"- counts per step, averaged over the measured steps: {per_layer:.2f} whole-set layer passes per model layer "
         f"(losses and updates), {counts['losses_calls']:.1f} candidate losses, {counts['refit_stats_calls']:.1f} refits, "
-        f"{counts['solves']:.1f} solves.",
+        f"{counts['solves']:.1f} solves"
+        + (f", the LM head run on {counts['losses_rows']:.0f} sequences." if "losses_rows" in counts else "."),
         "",
         f"- on a real model the candidates sit mid-depth, not at the end as with random weights: in "
         f"`{Path(args.real_plan).name}` ({len(real_steps)} steps of `come-search` on SmolLM2-135M) the candidate losses and "
-        f"boundary updates make {real_per_layer:.2f} whole-set layer passes per step and model layer.",
+        f"boundary updates make {real_per_layer:.2f} whole-set layer passes per step and model layer with the default's "
+        "finalists screen (every candidate on 4 sequences, the 3 lowest on the other 12 of the 16 scored).",
         "",
         "**Extrapolation (not measured)**: one step by the law, with the real plan's layer passes per layer, the "
         "synthetic runs' candidate, refit and solve counts, the default calibration (16,384 tokens, 16 scored "
@@ -334,6 +365,7 @@ def report(args, cells_dir: Path) -> None:
         shape = {"layers": layers, "hidden": hidden, "intermediate": ffn, "heads": heads, "kv_heads": kv_heads}
         cell = {"calibration": [128, 128], "search_samples": 16, "vocab": vocab}
         step = {"losses_passes": real_per_layer * layers, "losses_calls": counts["losses_calls"],
+                **({"losses_rows": counts["losses_rows"]} if "losses_rows" in counts else {}),
                 "refit_stats_calls": counts["refit_stats_calls"], "refit_stats_passes": counts["refit_stats_passes"],
                 "solves": counts["solves"]}
         work = step_flops(shape, step, cell)

@@ -265,3 +265,27 @@ distill: {{methods: [paper], options: {{tokens: 256}}}}
     definition.write_text(definition.read_text().replace("ppl:", "perplexity:"))
     bad = runner.invoke(app, ["bench", "--definition", str(definition), "--report-only"])
     assert bad.exit_code == 2 and "perplexity" in bad.output
+
+
+def test_search_scale_counts_the_screens_passes_and_lm_head_rows(monkeypatch):
+    """bench/search_scale.py's extrapolation: with the finalists screen, every candidate runs on the screen's
+    share and only the finalists (lowest screen loss, else loss) on the rest; the LM head is charged for
+    the sequences each loss call scored, and old cells (no row count) for every call on all of them."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "bench"))
+    scale = importlib.import_module("search_scale")
+    step = {"layers_before": 10, "chosen": {"op": "delete", "layer": 5},
+            "candidates": [{"op": "merge", "window": [2, 3], "loss": 3.0},           # depth 7
+                           {"op": "delete", "layer": 8, "loss": 2.0},                # depth 2
+                           {"op": "delete", "layer": 4, "loss": None, "screen_loss": 1.0}]}  # depth 6
+    assert scale.real_passes_per_layer([step], 0.5) == (7 + 2 + 6) * 0.5 / 10
+    # Screen of 1 finalist on a 0.125 share: the one of lowest screen loss (else loss) goes on.
+    assert scale.real_passes_per_layer([step], 0.5, screen=(1, 0.125)) == ((7 + 2 + 6) * 0.125 + 6 * 0.375) / 10
+    assert scale.real_passes_per_layer([step], 0.5, screen=(3, 0.125)) == (7 + 2 + 6) * 0.5 / 10  # keeps all
+    shape = {"layers": 2, "hidden": 4, "intermediate": 8, "heads": 2, "kv_heads": 1}
+    cell = {"calibration": [8, 3], "search_samples": 4, "vocab": 10}
+    head = 3 * 2.0 * 4 * 10  # one sequence of 3 tokens through a 4 -> 10 head
+    assert scale.step_flops(shape, {"losses_calls": 2, "losses_rows": 5}, cell)["passes"] == 5 * head
+    assert scale.step_flops(shape, {"losses_calls": 2}, cell)["passes"] == 2 * 4 * head
