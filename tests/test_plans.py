@@ -56,6 +56,7 @@ VARIANTS = {
                                                           "search_deletion_rank": "error+loss"}),
     "come-search[no-refit]": ("come-search", {"refit": False}),
     "come-search[no-screen]": ("come-search", {"search_finalists": 0}),
+    "come-search[float32]": ("come-search", {"activation_dtype": "float32"}),  # the default before bfloat16 activations
     "shortgpt[refit]": ("shortgpt", {"refit": True}),
     "sleb[kl]": ("sleb", {"search_loss": "kl"}),
     "replaceme[cosine,2-blocks]": ("replaceme", {"replaceme_objective": "cosine", "replaceme_epochs": 2,

@@ -22,6 +22,9 @@ EVERYTHING = {"search_windows": 10, "search_deletions": 10, "search_ratios": (0.
 
 
 def _search(model, target, **options):
+    # float32 activations (the default keeps them in bfloat16): these tests compare with whole-model float32
+    # computations, which a bfloat16 cache matches only to its rounding.
+    options = {"activation_dtype": "float32", **options}
     return compress(LoadedModel(model, None, {}), target_layers=target, method="come-search", tokens=TOKENS,
                     progress=False, batch_size=3, **options)
 
@@ -49,7 +52,7 @@ def test_one_step_equals_brute_force_over_every_merge_and_deletion():
     layers = list(adapter_for(model.config).layers(original))
     # Brute force: every window with every ratio vector, every deletion, each scored as a whole model.
     ctx = CompressionContext(copy.deepcopy(original), None, adapter_for(model.config), TOKENS,
-                             CompressionOptions(progress=False, batch_size=3, **EVERYTHING))
+                             CompressionOptions(progress=False, batch_size=3, activation_dtype="float32", **EVERYTHING))
     bi = ctx.cache.block_influence()
     brute = []
     for start in range(5):
@@ -283,10 +286,11 @@ def _default_plan(family, overrides):
     CompressionContext.refit_candidate = recording
     try:
         model = tiny_model(family, seed=21, num_hidden_layers=8, **overrides)
-        # Every candidate scored on every sequence, as when the plans were recorded (the default's screen
-        # came later and changes picks on these tiny models: tests/test_plans.py records it).
+        # Every candidate scored on every sequence and float32 activations, as when the plans were recorded
+        # (the default's screen and bfloat16 activations came later and change picks or kept channels on these
+        # tiny models: tests/test_plans.py records them).
         result = compress(LoadedModel(model, None, {}), target_layers=4, tokens=TOKENS, progress=False, batch_size=4,
-                          search_finalists=0)
+                          search_finalists=0, activation_dtype="float32")
     finally:
         CompressionContext.refit_candidate = original
 
@@ -321,3 +325,25 @@ def test_the_default_picks_the_recorded_plan(case):
         assert scored and scored == [d for d in ranking if d in scored] and scored[0] == ranking[0]
         got[3] = ranking
     assert actual == expected
+
+
+def test_the_default_keeps_bfloat16_activations_and_scores_as_float32_does():
+    """come-search keeps its calibration boundaries in bfloat16 (half the memory; the scores are still
+    computed in float32): every candidate's loss stays within bfloat16's rounding of the hidden states of
+    the float32 cache's, and the step picks what float32 picks."""
+    from come.engine.options import resolve_options
+    from come.methods import method_defaults
+
+    assert resolve_options(method_defaults("come-search"), {}).activation_dtype == "bfloat16"
+    ctx = CompressionContext(tiny_model("llama", seed=10), None, adapter_for(tiny_model("llama", seed=10).config),
+                             TOKENS, CompressionOptions(progress=False, batch_size=3, activation_dtype="bfloat16"))
+    assert ctx.cache.boundary(3).dtype == torch.bfloat16
+    runs = [_search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, activation_dtype=dtype)
+            for dtype in ("float32", "bfloat16")]
+    assert [r.plan["options"]["activation_dtype"] for r in runs] == ["float32", "bfloat16"]
+    for exact, rounded in zip(*(r.plan["steps"] for r in runs)):
+        assert exact["chosen"]["covers"] == rounded["chosen"]["covers"]
+        for a, b in zip(exact["candidates"], rounded["candidates"]):
+            assert (a["loss"] is None) == (b["loss"] is None)
+            if a["loss"] is not None:
+                assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["loss"] != a["loss"]

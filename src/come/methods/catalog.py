@@ -20,8 +20,10 @@ BUILTIN: tuple[MethodSpec, ...] = (
         # Calibration 128 x 128 tokens, 16 of them scored: the same token counts as 32 x 512 and 4, from more
         # documents. How this shape compares with 32 x 512 (it is not better on every model), and what the
         # method costs: bench/results/README.md.
+        # Calibration activations in bfloat16: half the memory of the boundary cache, and the same picks as
+        # float32 where compared (bench/results/README.md).
         defaults={"refit": True, "allow_remerge": True, "search_samples": 16, "protect_first": 1,
-                  "nsamples": 128, "seqlen": 128},
+                  "nsamples": 128, "seqlen": 128, "activation_dtype": "bfloat16"},
         options=(
             Option("search_windows", int, 3, "merge candidates (most redundant windows) per step.", min=0),
             Option("search_deletions", int, 4, "deletion candidates per step (see --search-deletion-rank).", min=0),
