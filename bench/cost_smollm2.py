@@ -62,6 +62,25 @@ def picks(layers: list[dict]) -> list:
     return out
 
 
+def plan_differences(committed: list[dict], new: list[dict]) -> str:
+    """Where two plans' picks differ: layer covers, refit dampings, and the kept FFN neurons and KV groups
+    (counted per merge source: a re-merged source's channel indices shift with any change to its first merge)."""
+    if [layer["covers"] for layer in committed] != [layer["covers"] for layer in new]:
+        return "different layer covers"
+    notes, kept, changed = [], 0, 0
+    for a, b in zip(picks(committed), picks(new)):
+        if a[2:] != b[2:]:
+            notes.append(f"refit of {a[0]}: damping {a[2]} -> {b[2]}")
+        for sa, sb in zip(a[1], b[1]):
+            if sa[1] != sb[1]:
+                notes.append(f"KV groups of a source of {a[0]}")
+            kept += len(sa[2] or [])
+            changed += len(set(sa[2] or []) ^ set(sb[2] or [])) // 2
+    if changed:
+        notes.append(f"{changed} of {kept} kept FFN neurons")
+    return "same layer covers; differ: " + "; ".join(notes) if notes else "identical"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -91,9 +110,11 @@ def main() -> None:
     ratio = best["come-search (default)"]["cpu_seconds"] / best["come (paper)"]["cpu_seconds"]
     # The default's cell of the committed method table was made from the same calibration.
     committed = HERE / "results" / "smollm2_methods" / "cells" / f"come-search-r{args.ratio:g}.json"
-    same_plan = None
+    same_plan = differences = None
     if committed.is_file():
-        same_plan = picks(json.loads(committed.read_text())["plan_layers"]) == picks(best["come-search (default)"]["layers"])
+        committed_layers = json.loads(committed.read_text())["plan_layers"]
+        same_plan = picks(committed_layers) == picks(best["come-search (default)"]["layers"])
+        differences = plan_differences(committed_layers, best["come-search (default)"]["layers"])
     lines = [
         "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
         "",
@@ -111,8 +132,9 @@ def main() -> None:
     lines += ["", f"CPU-time ratio (default / paper): **{ratio:.2f}x**."]
     if same_plan is not None:
         lines.append(f"Default's picks (layer covers, kept KV groups and FFN neurons, refit dampings) equal to the committed method-table cell "
-                     f"`smollm2_methods/cells/{committed.name}`: **{same_plan}**.")
-    _results.write(args.results, lines, data={"rows": rows, "ratio": ratio, "same_plan_as_committed": same_plan})
+                     f"`smollm2_methods/cells/{committed.name}`: **{same_plan}** ({differences}).")
+    _results.write(args.results, lines, data={"rows": rows, "ratio": ratio, "same_plan_as_committed": same_plan,
+                                              "differences_from_committed": differences})
 
 
 if __name__ == "__main__":
