@@ -6,6 +6,7 @@ activations in DTYPE (argv[2]: bfloat16 or float32), written to PROFILE (argv[1]
 import cProfile
 import sys
 
+import come  # noqa: F401 (used in the profiled statement)
 from come.engine.models import load_model
 from come.engine.options import resolve_options
 from come.evaluation.data import calibration_tokens
