@@ -335,8 +335,9 @@ def test_the_default_keeps_bfloat16_activations_and_scores_as_float32_does():
     from come.methods import method_defaults
 
     assert resolve_options(method_defaults("come-search"), {}).activation_dtype == "bfloat16"
-    ctx = CompressionContext(tiny_model("llama", seed=10), None, adapter_for(tiny_model("llama", seed=10).config),
-                             TOKENS, CompressionOptions(progress=False, batch_size=3, activation_dtype="bfloat16"))
+    model = tiny_model("llama", seed=10)
+    ctx = CompressionContext(model, None, adapter_for(model.config), TOKENS,
+                             CompressionOptions(progress=False, batch_size=3, activation_dtype="bfloat16"))
     assert ctx.cache.boundary(3).dtype == torch.bfloat16
     runs = [_search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, activation_dtype=dtype)
             for dtype in ("float32", "bfloat16")]
