@@ -170,6 +170,55 @@ def test_the_float32_screen_picks_what_float64_picks_and_defers_close_calls(monk
     torch.testing.assert_close(deferred.weight, screened.weight, rtol=0, atol=0)
 
 
+def test_the_walk_from_any_start_chooses_and_solves_what_the_middle_start_does():
+    """`start` only moves where "auto" begins walking: from every grid value the damping and the weight
+    are those of the walk from the middle, and starting at the choice itself scores at most three values."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 32, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 32, dtype=torch.float64)
+    y = x @ torch.randn(32, 4, generator=g, dtype=torch.float64) + 3 * torch.randn(300, 4, generator=g, dtype=torch.float64)
+    fit, held = _stats(x[:225], y[:225]), _stats(x[225:], y[225:])
+    w0 = 0.1 * torch.randn(4, 32, generator=g, dtype=torch.float64)
+    middle = choose_and_solve(fit, held, w0, "auto")
+    chosen = middle.record["damping"]
+    for start in (*DAMPING_GRID, 0.5, None):  # 0.5 is off the grid: the middle
+        walked = choose_and_solve(fit, held, w0, "auto", start=start)
+        assert walked.record["damping"] == chosen, start
+        torch.testing.assert_close(walked.weight, middle.weight, rtol=0, atol=0)
+    assert len(choose_and_solve(fit, held, w0, "auto", start=chosen).record["held_out_errors"]) <= 3
+
+
+def test_each_refit_walk_starts_where_the_previous_one_chose(monkeypatch):
+    """The compression keeps the damping the latest walk chose and starts the next walk there: the same
+    plan and weights as walks that all start from the middle."""
+    from come.core import refit
+
+    real, calls = refit.choose_and_solve, []
+
+    def spy(fit, held, w0, damping, start=None):
+        result = real(fit, held, w0, damping, start)
+        walked = "held_out_errors" in result.record and result.record["damping"] is not None
+        calls.append((start, result.record["damping"] if walked else None))
+        return result
+
+    def run(solve):
+        monkeypatch.setattr(refit, "choose_and_solve", solve)
+        return compress(LoadedModel(tiny_model("qwen2", seed=2), None, {}), target_layers=5, tokens=TOKENS,
+                        progress=False, search_samples=4, search_finalist_samples=1)
+
+    hinted = run(spy)
+    latest = None  # each walk starts at the latest choice before it (a refit that kept its layer chose none)
+    for start, chose in calls:
+        assert start == latest
+        latest = chose if chose is not None else latest
+    assert len(calls) > 2 and any(start is not None for start, _ in calls)
+    middle = run(lambda fit, held, w0, damping, start=None: real(fit, held, w0, damping))
+    dampings = [[layer.get("refit", {}).get("damping") for layer in r.plan["layers"]] for r in (hinted, middle)]
+    assert dampings[0] == dampings[1]
+    assert [s["chosen"] for s in hinted.plan["steps"]] == [s["chosen"] for s in middle.plan["steps"]]
+    for a, b in zip(hinted.model.state_dict().values(), middle.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("rows", [300, 40])  # 40 rows < 48 inputs: a singular fit Z^T Z, only the damping makes it solvable
 def test_the_damping_grid_and_the_final_solve_equal_a_plain_float64_solve(rows):
     """The grid is scored without forming any solution (one Cholesky solve per damping, the held-out

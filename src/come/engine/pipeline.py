@@ -75,6 +75,8 @@ class CompressionContext:
     # Where an original-model boundary goes once the current one replaces it (None: it stays where it is).
     teacher_store: BoundaryStore | None = None
     _cache: BoundaryCache | None = None
+    # The damping the latest refit's walk chose: where the next walk starts (fewer solves, same choice).
+    damping_hint: float | None = None
 
     def __post_init__(self):
         if self.layers is None:
@@ -203,8 +205,10 @@ class CompressionContext:
         covers = self.records[k]["covers"] if covers is None else covers
         new_layer, record = refit_layer(
             cache, k, layer, cache.layer_kwargs[k] if kwargs is None else kwargs, covers[-1] + 1, self.adapter,
-            self.options.refit_damping,
+            self.options.refit_damping, start=self.damping_hint,
         )
+        if record.get("damping") is not None and "held_out_errors" in record:  # a walk chose it
+            self.damping_hint = record["damping"]
         record["covers"] = [covers[0], covers[-1]]
         return new_layer, record
 
