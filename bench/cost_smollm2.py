@@ -29,10 +29,13 @@ RUNS = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search
 
 def worker(name: str, ratio: float) -> dict:
     import come
+    from come.engine.allocator import keep_freed_memory
     from come.engine.models import load_model
     from come.engine.options import resolve_options
     from come.evaluation.data import calibration_tokens
     from come.methods import DEFAULT_METHOD, method_defaults
+
+    keep_freed_memory()  # the allocator policy of the `come` command, whose process this one stands for
 
     start, cpu = time.perf_counter(), time.process_time()
     loaded = load_model(None)

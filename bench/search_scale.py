@@ -73,10 +73,13 @@ def worker(folder: str, steps: int | None, ratio: float | None, nsamples: int | 
     import come
     from come.core import refit
     from come.core.scoring import BoundaryCache
+    from come.engine.allocator import keep_freed_memory
     from come.engine.models import load_model
     from come.engine.options import resolve_options
     from come.evaluation.data import calibration_tokens
     from come.methods import DEFAULT_METHOD, method_defaults, search
+
+    keep_freed_memory()  # the allocator policy of the `come` command, whose process this one stands for
 
     clock = {"step": None}
     steps_out: list[dict] = []

@@ -575,6 +575,9 @@ def distill_command(
 
 
 def main() -> None:
+    from ..engine.allocator import keep_freed_memory
+
+    keep_freed_memory()  # one command, one process: reuse freed blocks instead of faulting in new ones
     try:
         app()
     except KeyboardInterrupt:
