@@ -36,3 +36,18 @@ def char_tokenizer():
 
     vocab = {"<unk>": 0, **{chr(i): i for i in range(1, 128)}}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")), unk_token="<unk>")
+
+
+def without_walks(layers: list[dict]) -> list[dict]:
+    """Plan layer records with each refit's held-out errors reduced to that of the damping it chose: which
+    dampings a refit's walk scored on the way depends on where it started (the previous refit's choice),
+    and a replay refits only the chosen operations, so only the choice must agree."""
+    out = []
+    for layer in layers:
+        refit = layer.get("refit")
+        if refit and "held_out_errors" in refit:
+            chosen = refit.get("damping")
+            kept = {f"{chosen:g}": refit["held_out_errors"][f"{chosen:g}"]} if chosen is not None else None
+            layer = {**layer, "refit": {**refit, "held_out_errors": kept}}
+        out.append(layer)
+    return out

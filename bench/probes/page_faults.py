@@ -1,14 +1,20 @@
 # Probe behind bench/results/cost_probes.md (run from the repository root with the venv active).
 """User and system CPU seconds and minor page faults of one candidate refit at a wide FFN (synthetic
 activations: d_ffn 4,864, hidden 896, 16,384 rows in batches of 1,024 as `collect_stats` adds them, then
-`choose_and_solve` "auto"), twice in one process (the second shows the steady state).
-    OMP_NUM_THREADS=1 python bench/probes/page_faults.py
-    OMP_NUM_THREADS=1 GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 python ...
+`choose_and_solve` "auto"), three times in one process (the later ones show the steady state); with `keep`,
+under the `come` command's allocator policy (`keep_freed_memory`).
+    OMP_NUM_THREADS=1 python bench/probes/page_faults.py [keep]
 """
 import resource
+import sys
 import time
 
 import torch
+
+from come.engine.allocator import keep_freed_memory
+
+if sys.argv[1:] == ["keep"]:
+    print("policy in effect:", keep_freed_memory())
 
 from come.core.refit import HOLDOUT_EVERY, RidgeStats, _Rows, choose_and_solve
 
@@ -18,7 +24,7 @@ z = torch.randn(tokens, n, generator=g) * torch.logspace(-1.5, 1.5, n)[torch.ran
 w0 = torch.randn(m, n, generator=g) / n**0.5
 y = z @ (w0 + 0.3 * torch.randn(m, n, generator=g) / n**0.5).T + torch.randn(tokens, m, generator=g)
 
-for rep in range(2):
+for rep in range(3):
     r0, w = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fit, held = RidgeStats.zeros(n, m), RidgeStats.zeros(n, m)
     fit_rows, held_rows = _Rows(fit), _Rows(held)
