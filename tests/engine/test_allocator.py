@@ -1,5 +1,7 @@
 """The CLI's allocator policy: freed large blocks are reused instead of being faulted in again."""
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -7,7 +9,7 @@ import pytest
 
 from come.engine import allocator
 
-GLIBC = sys.platform.startswith("linux") and bool(__import__("platform").libc_ver()[0] == "glibc")
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # Allocate, touch and free a 64 MB block 21 times; print the minor page faults of the last nine (glibc needs
 # a few rounds to coalesce the freed blocks into one that fits a 64-byte aligned request).
@@ -25,7 +27,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(env_value: str) -> tuple[bool, int]:
-    env = {**__import__("os").environ, allocator.ENV: env_value, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, allocator.ENV: env_value, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, check=True).stdout.split()
     return out[0] == "True", int(out[1])
 
