@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.adapters import adapter_for
@@ -82,11 +81,55 @@ def _nmse(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (y - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """KL(teacher || student) from logits, a block of rows at a time, with the gradient made in the forward.
+
+    The plain composition (`.float()`, two `log_softmax`, `kl_div`, and autograd's backward through them)
+    materialises about ten tensors the size of the logits (rows x vocabulary, hundreds of MB per micro-batch),
+    each allocated, page-faulted in and freed every step. Here only blocks of `_KL_BLOCK` elements are
+    temporary; the one full-size tensor kept is the gradient, in the student logits' dtype (what autograd
+    would hand back for them anyway). Same value and gradient up to float summation order (tested)."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, temperature):
+        s_all, t_all = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
+        rows = s_all.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(s_all) if want_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=s_all.device)
+        step = max(1, _KL_BLOCK // max(1, s_all.shape[-1]))
+        with torch.autocast(s_all.device.type, enabled=False):
+            for i in range(0, rows, step):
+                total += _kl_block(s_all[i:i + step], t_all[i:i + step], temperature, grad, i, rows)
+        ctx.save_for_backward(grad if want_grad else None)
+        ctx.shape = student_logits.shape
+        return (total * temperature**2 / rows).float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None, None
+
+
+def _kl_block(s, t, temperature: float, grad, first: int, rows: int) -> torch.Tensor:
+    """One block's KL sum; writes its rows of the gradient into `grad` (if given)."""
+    s, t = s.float(), t.float()
+    if temperature != 1:
+        s, t = s / temperature, t / temperature
+    log_s, log_t = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+    p_t = log_t.exp()
+    value = torch.vdot(p_t.flatten(), (log_t - log_s).flatten()).double()
+    if grad is not None:  # d/d(logits) of T^2 * KL / rows = (softmax(s / T) - p_t) * T / rows
+        grad[first:first + s.shape[0]] = log_s.exp_().sub_(p_t).mul_(temperature / rows)
+    return value
+
+
+_KL_BLOCK = 1 << 21  # elements per block of rows: 8 MB in float32, under glibc malloc's largest mmap threshold (32 MiB)
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) at `temperature`, scaled by T^2 (Hinton et al.)."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    return _ChunkedKL.apply(student_logits, teacher_logits.detach(), float(temperature))
 
 
 def native_bf16(device: torch.device) -> bool:
