@@ -97,7 +97,8 @@ class _ChunkedKL(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(s_all) if want_grad else None
         total = torch.zeros((), dtype=torch.float64, device=s_all.device)
-        step = max(1, _KL_BLOCK // max(1, s_all.shape[-1]))
+        block = _KL_BLOCK if s_all.device.type == "cpu" else _KL_BLOCK_ACCELERATOR
+        step = max(1, block // max(1, s_all.shape[-1]))
         with torch.autocast(s_all.device.type, enabled=False):
             for i in range(0, rows, step):
                 total += _kl_block(s_all[i:i + step], t_all[i:i + step], temperature, grad, i, rows)
@@ -125,6 +126,7 @@ def _kl_block(s, t, temperature: float, grad, first: int, rows: int) -> torch.Te
 
 
 _KL_BLOCK = 1 << 21  # elements per block of rows: 8 MB in float32, under glibc malloc's largest mmap threshold (32 MiB)
+_KL_BLOCK_ACCELERATOR = 1 << 26  # on a GPU, fewer and larger blocks: each block is a handful of kernel launches
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
