@@ -32,7 +32,7 @@ def test_blocked_kl_matches_the_plain_loss_and_its_gradient(monkeypatch, dtype, 
     torch.testing.assert_close(grad_mine, grad_plain)  # the dtype's default tolerances
 
 
-def test_blocked_kl_is_zero_against_itself_and_needs_no_gradient_buffer_without_grad():
+def test_blocked_kl_is_zero_against_itself_and_positive_under_no_grad():
     logits = torch.randn(3, 5, 11)
     assert _kl(logits, logits, 1.0).item() == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
@@ -47,3 +47,13 @@ def test_blocked_kl_is_the_same_under_bfloat16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = _kl(student, teacher, 1.0)
     assert inside.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_blocked_kl_gradient_reaches_non_contiguous_logits(monkeypatch):
+    monkeypatch.setattr(common, "_KL_BLOCK", 2 * 31)
+    torch.manual_seed(2)
+    base = torch.randn(5, 3, 31, requires_grad=True)
+    student, teacher = base.transpose(0, 1), torch.randn(3, 5, 31)  # (3, 5, 31), not contiguous
+    (grad_mine,) = torch.autograd.grad(_kl(student, teacher, 1.0), base)
+    (grad_plain,) = torch.autograd.grad(reference_kl(student, teacher, 1.0), base)
+    torch.testing.assert_close(grad_mine, grad_plain)

@@ -94,22 +94,23 @@ class _ChunkedKL(torch.autograd.Function):
     def forward(ctx, student_logits, teacher_logits, temperature):
         s_all, t_all = student_logits.flatten(0, -2), teacher_logits.flatten(0, -2)
         rows = s_all.shape[0]
-        want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(s_all) if want_grad else None
+        grad = None
+        if ctx.needs_input_grad[0]:  # contiguous, so that its rows are a view the blocks write into
+            grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+        grad_rows = grad.flatten(0, -2) if grad is not None else None
         total = torch.zeros((), dtype=torch.float64, device=s_all.device)
         block = _KL_BLOCK if s_all.device.type == "cpu" else _KL_BLOCK_ACCELERATOR
         step = max(1, block // max(1, s_all.shape[-1]))
         with torch.autocast(s_all.device.type, enabled=False):
             for i in range(0, rows, step):
-                total += _kl_block(s_all[i:i + step], t_all[i:i + step], temperature, grad, i, rows)
-        ctx.save_for_backward(grad if want_grad else None)
-        ctx.shape = student_logits.shape
+                total += _kl_block(s_all[i:i + step], t_all[i:i + step], temperature, grad_rows, i, rows)
+        ctx.save_for_backward(grad)
         return (total * temperature**2 / rows).float()
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None, None
+        return grad * grad_output.to(grad.dtype), None, None
 
 
 def _kl_block(s, t, temperature: float, grad, first: int, rows: int) -> torch.Tensor:
