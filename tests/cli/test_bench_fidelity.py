@@ -166,8 +166,6 @@ def test_only_come_search_and_come_plans_in_a_form_replay_reads_are_replayed():
     assert _replay_plan({"plan_layers": layers}, "come-search", {}) is None  # no recorded steps: search again
 
 
-
-
 def test_distilled_cell_rebuilds_its_finished_plain_cells_model_instead_of_searching(tiny_dir, tmp_path, monkeypatch):
     """A +distill cell added after its plain cell finished (its model not kept) gets that model back by replaying
     the recorded plan (`replay`, or `drop` for a deletion-only plan): the same distilled result as a grid that
