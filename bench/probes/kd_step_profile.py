@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/probes/kd_step_profile.py MODEL [--steps 3] [--autocast on|off]
 
-MODEL: a `come compress` output (its plan names the teacher). The step is stage 2's default: rank-16 LoRA
-on every linear map, batch 2 x 512, logit KD (`distill/common.py: _kl`), AdamW. Prints the operators by
+MODEL: a `come compress` output (its plan names the teacher). The step is stage 2's default: the default LoRA
+adapters (rank 16) on every linear map, batch 2 x 512, logit KD (`distill/common.py: _kl`), AdamW. Prints the operators by
 self CPU time over the profiled steps (one warm-up step first).
 """
 
@@ -19,6 +19,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from come.distill.common import _kl
+from come.distill.options import DistillOptions
+from come.distill.run import _teacher_source
 from come.engine.allocator import keep_freed_memory
 from come.engine.models import load_model
 
@@ -33,12 +35,13 @@ def main() -> None:
     args = p.parse_args()
     keep_freed_memory()  # as the `come` command does
     plan = json.loads((args.model / "come_plan.json").read_text())
-    teacher = load_model(plan["model"].get("path") or plan["model"].get("name")).model.requires_grad_(False)
+    teacher = load_model(_teacher_source(plan, None)).model.requires_grad_(False)  # as `come distill` finds it
     student = load_model(str(args.model)).model.requires_grad_(False)
     targets = [n for n, m in student.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-    get_peft_model(student, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    o = DistillOptions()  # the defaults' adapters and learning rate
+    get_peft_model(student, LoraConfig(r=o.lora, lora_alpha=o.lora_alpha or 2 * o.lora, lora_dropout=0.0, target_modules=targets))
     params = [q for n, q in student.named_parameters() if "lora_" in n]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=o.global_lr)
     precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.autocast == "on" else contextlib.nullcontext
     ids = torch.randint(0, teacher.config.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0))
     student.train()
