@@ -46,6 +46,11 @@ CONFIGS = {
     "s2-lora16-merged-kd-lr3e-3": {"layers": "none", "stage2": True, "train": "merged", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0},
     # the default with its forward passes under bfloat16 autocast (faster on CPUs with AMX or AVX512-BF16)
     "s2-lora16-kd-lr3e-3-bf16": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on"},
+    # ... and with shorter training windows, the same tokens per optimizer step (held-out windows stay --seqlen long)
+    "s2-lora16-kd-lr3e-3-bf16-seq256": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                        "seqlen": 256, "batch_size": 4},
+    "s2-lora16-kd-lr3e-3-bf16-seq128": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                        "seqlen": 128, "batch_size": 8},
     # LoRA+: the B matrices (zero at the start) at a multiple of the rate of A
     "s2-lora16plus4-kd-lr1.5e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 4.0, "global_lr": 1.5e-3, "hidden_weight": 0.0},
     "s2-lora16plus16-kd-lr5e-4": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 16.0, "global_lr": 5e-4, "hidden_weight": 0.0},
@@ -60,15 +65,20 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
     opts.setdefault("autocast", "off")  # float32 unless the config says otherwise, whatever the machine
     stage2 = opts.pop("stage2", False)
     seqlen = opts.pop("seqlen", args.seqlen)
-    step_tokens = args.batch_size * seqlen
+    batch_size = opts.pop("batch_size", args.batch_size)
+    step_tokens = batch_size * seqlen
     budget = args.steps * args.batch_size * args.seqlen  # the same tokens for every config
     if stage2:
         opts["global_steps"] = max(1, budget // step_tokens)
     # Stage 1 trains on `tokens` per layer; with stage 2 as well both share the budget's text.
+    tokens, heldout = budget, None
+    if seqlen != args.seqlen:
+        tokens, heldout = same_text_shorter_windows(compressed, budget, seqlen, args)
     out = work / name
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    summary = distill(compressed, out, tokens=budget, seqlen=seqlen, batch_size=args.batch_size, heldout_tokens=args.heldout_tokens,
-                      eval_every=args.eval_every, overwrite=True, progress=not args.quiet, seed=args.seed, **opts)
+    summary = distill(compressed, out, tokens=tokens, heldout=heldout, seqlen=seqlen, batch_size=batch_size,
+                      heldout_tokens=args.heldout_tokens, eval_every=args.eval_every, overwrite=True,
+                      progress=not args.quiet, seed=args.seed, **opts)
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     sel = summary["selection"]
     shutil.rmtree(out, ignore_errors=True)  # the model is not needed: the numbers are
@@ -76,7 +86,7 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
         "config": name,
         "options": {**CONFIGS[name], **opts},
         "training_tokens": budget,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "kl_before": sel["kl_before"],
         "kl_after": sel["kl_after"],
         "kl_drop_pct": 100 * (1 - sel["kl_after"] / sel["kl_before"]),
@@ -90,6 +100,24 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
         "kl_drop_pct_per_cpu_min": 100 * (1 - sel["kl_after"] / sel["kl_before"]) / max(cpu / 60, 1e-9),
         "cpu": cpu_kind(),
     }
+
+
+def same_text_shorter_windows(compressed: Path, budget: int, seqlen: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows of `seqlen`, held-out windows of --seqlen): the windows come distill draws for a
+    config at --seqlen, the training ones cut into `seqlen`-token pieces. So a config with shorter windows
+    trains on the same text and is judged on the same held-out windows as the others."""
+    from transformers import AutoTokenizer
+
+    from come.distill.options import DistillOptions
+    from come.distill.run import _draw, _heldout_rows, _split_off
+
+    if args.seqlen % seqlen:
+        sys.exit(f"error: a config's seqlen {seqlen} must divide --seqlen {args.seqlen}")
+    o = DistillOptions(seqlen=args.seqlen, heldout_tokens=args.heldout_tokens, seed=args.seed)
+    nsamples, n_held = -(-budget // args.seqlen), _heldout_rows(o, args.seqlen)
+    both = _draw(AutoTokenizer.from_pretrained(compressed), o.data, nsamples + n_held, o, "the budget")
+    train, held = _split_off(both, n_held, o.seed, "the drawn text")
+    return train.reshape(-1, seqlen), held
 
 
 def cpu_kind() -> str:
