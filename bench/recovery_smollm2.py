@@ -51,6 +51,9 @@ CONFIGS = {
                                         "seqlen": 256, "batch_size": 4},
     "s2-lora16-kd-lr3e-3-bf16-seq128": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
                                         "seqlen": 128, "batch_size": 8},
+    # ... with the same steps over half the text, seen twice (what repeated text is worth against fresh text)
+    "s2-lora16-kd-lr3e-3-bf16-2pass": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                       "passes": 2},
     # LoRA+: the B matrices (zero at the start) at a multiple of the rate of A
     "s2-lora16plus4-kd-lr1.5e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 4.0, "global_lr": 1.5e-3, "hidden_weight": 0.0},
     "s2-lora16plus16-kd-lr5e-4": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 16.0, "global_lr": 5e-4, "hidden_weight": 0.0},
@@ -66,14 +69,15 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
     stage2 = opts.pop("stage2", False)
     seqlen = opts.pop("seqlen", args.seqlen)
     batch_size = opts.pop("batch_size", args.batch_size)
+    passes = opts.pop("passes", 1)
     step_tokens = batch_size * seqlen
     budget = args.steps * args.batch_size * args.seqlen  # the same tokens for every config
     if stage2:
         opts["global_steps"] = max(1, budget // step_tokens)
     # Stage 1 trains on `tokens` per layer; with stage 2 as well both share the budget's text.
     tokens, heldout = budget, None
-    if seqlen != args.seqlen:
-        tokens, heldout = same_text_shorter_windows(compressed, budget, seqlen, args)
+    if seqlen != args.seqlen or passes != 1:
+        tokens, heldout = same_draw(compressed, budget, seqlen, passes, args)
     out = work / name
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     summary = distill(compressed, out, tokens=tokens, heldout=heldout, seqlen=seqlen, batch_size=batch_size,
@@ -102,10 +106,11 @@ def run_config(name: str, compressed: Path, work: Path, args) -> dict:
     }
 
 
-def same_text_shorter_windows(compressed: Path, budget: int, seqlen: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+def same_draw(compressed: Path, budget: int, seqlen: int, passes: int, args) -> tuple[torch.Tensor, torch.Tensor]:
     """(training windows of `seqlen`, held-out windows of --seqlen): the windows come distill draws for a
-    config at --seqlen, the training ones cut into `seqlen`-token pieces. So a config with shorter windows
-    trains on the same text and is judged on the same held-out windows as the others."""
+    config at --seqlen, the training ones cut into `seqlen`-token pieces, and only the first 1/`passes` of
+    them kept (stage 2 goes over them `passes` times in the budget's steps). So such a config trains on the
+    same text (or part of it) and is judged on the same held-out windows as the others."""
     from transformers import AutoTokenizer
 
     from come.distill.options import DistillOptions
@@ -117,7 +122,7 @@ def same_text_shorter_windows(compressed: Path, budget: int, seqlen: int, args) 
     nsamples, n_held = -(-budget // args.seqlen), _heldout_rows(o, args.seqlen)
     both = _draw(AutoTokenizer.from_pretrained(compressed), o.data, nsamples + n_held, o, "the budget")
     train, held = _split_off(both, n_held, o.seed, "the drawn text")
-    return train.reshape(-1, seqlen), held
+    return train[: train.shape[0] // passes].reshape(-1, seqlen), held
 
 
 def cpu_kind() -> str:
