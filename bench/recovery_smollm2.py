@@ -54,6 +54,14 @@ CONFIGS = {
     # ... with the same steps over half the text, seen twice (what repeated text is worth against fresh text)
     "s2-lora16-kd-lr3e-3-bf16-2pass": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
                                        "passes": 2},
+    # ... and one training knob changed at a time: KD temperature, no gradient clipping, no warm-up, rank 32
+    "s2-lora16-kd-lr3e-3-bf16-T2": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                    "temperature": 2.0},
+    "s2-lora16-kd-lr3e-3-bf16-noclip": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                        "max_grad_norm": 0.0},
+    "s2-lora16-kd-lr3e-3-bf16-warm0": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on",
+                                       "warmup": 0.0},
+    "s2-lora32-kd-lr3e-3-bf16": {"layers": "none", "stage2": True, "train": "all", "lora": 32, "global_lr": 3e-3, "hidden_weight": 0.0, "autocast": "on"},
     # LoRA+: the B matrices (zero at the start) at a multiple of the rate of A
     "s2-lora16plus4-kd-lr1.5e-3": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 4.0, "global_lr": 1.5e-3, "hidden_weight": 0.0},
     "s2-lora16plus16-kd-lr5e-4": {"layers": "none", "stage2": True, "train": "all", "lora": 16, "lora_plus": 16.0, "global_lr": 5e-4, "hidden_weight": 0.0},
