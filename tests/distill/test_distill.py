@@ -458,3 +458,64 @@ def test_lora_rank_not_below_the_layer_width_is_refused_before_work(setup, tmp_p
     with pytest.raises(DistillError, match="--lora 32 is not below the layer width it adapts .key/value width 32"):
         distill(compressed, tmp_path / "out", teacher=teacher_dir, tokens=TRAIN, global_steps=1, lora=32, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+class _Ticks:
+    """A clock that advances one second per reading: two timed steps of 1 s each, 5 s spent before the count."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_time_budget_sets_the_steps_from_timed_steps_and_equals_that_many_global_steps(setup, tmp_path, monkeypatch):
+    from come.distill import stage2
+
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_lr": 1e-2,
+           "batch_size": 4, "lora": 4, "eval_every": 3, "progress": False}
+    monkeypatch.setattr(stage2, "_clock", _Ticks())
+    timed = distill(compressed, tmp_path / "timed", time_budget=0.5, **run)
+    budget = timed["stage2"]["time_budget"]
+    check_s = budget["check_seconds"]
+    assert budget["step_seconds"] == 1.0 and 0 < check_s < 1  # the input model's held-out check, really timed
+    # 30 s, less the 5 s the count took and the last check, at 1 s a step plus a check every 3 steps
+    assert budget["steps"] == int((30 - 5 - check_s) // (1 + check_s / 3)) == timed["stage2"]["steps"]
+    assert timed["options"]["global_steps"] == budget["steps"] and timed["options"]["time_budget"] == 0.5
+    assert budget["passes"] == budget["steps"] * 4 / 16  # 16 windows, 4 a step: the budget outlasts them
+    card = (tmp_path / "timed" / "README.md").read_text()
+    assert f"Stage 2 ran {budget['steps']} steps, what `--time-budget 0.5`" in card and f"`--global-steps {budget['steps']}`" in card
+    # The timed steps (AdamW at rate 0) leave the weights alone, and the schedule spans the count: the same run.
+    fixed = distill(compressed, tmp_path / "fixed", global_steps=budget["steps"], **run)
+    assert fixed["selection"]["candidates"] == timed["selection"]["candidates"]
+    assert_same_weights(tmp_path / "timed", tmp_path / "fixed")
+
+
+def test_time_budget_resumes_with_the_recorded_count(setup, tmp_path, monkeypatch):
+    from come.distill import stage2
+
+    _root, teacher_dir, compressed = setup
+    run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_lr": 1e-2,
+           "batch_size": 4, "lora": 4, "eval_every": 2, "time_budget": 0.2, "progress": False}
+    monkeypatch.setattr(stage2, "_clock", _Ticks())
+    whole = distill(compressed, tmp_path / "whole", **run)
+    with pytest.raises(DistillInterrupted):
+        distill(compressed, tmp_path / "resumed", save_every=2, stop_after=3, **run)
+    monkeypatch.setattr(stage2, "_clock", lambda: 0.0)  # a clock that would price the steps at nothing: not read again
+    resumed = distill(compressed, tmp_path / "resumed", resume=True, **run)
+    assert resumed["stage2"]["time_budget"]["steps"] == whole["stage2"]["time_budget"]["steps"] > 3
+    assert resumed["selection"]["candidates"] == whole["selection"]["candidates"]
+    assert_same_weights(tmp_path / "whole", tmp_path / "resumed")
+
+
+def test_time_budget_errors_come_before_any_work(setup, tmp_path):
+    _root, teacher_dir, compressed = setup
+    with pytest.raises(DistillError, match="give it or --global-steps, not both"):
+        distill(compressed, tmp_path / "out", teacher=teacher_dir, tokens=TRAIN, time_budget=1, global_steps=4, progress=False)
+    for bad in (0, -1.5, "soon"):
+        with pytest.raises(DistillError, match="--time-budget must be a positive number of minutes"):
+            distill(compressed, tmp_path / "out", teacher=teacher_dir, tokens=TRAIN, time_budget=bad, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

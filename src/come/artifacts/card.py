@@ -181,9 +181,12 @@ def _distillation_text(record: dict | None) -> str:
         return ""
     kept = {"input": "the input model, unchanged (training did not lower the held-out KL)", "stage1": "the stage-1 result",
             "stage2": f"stage 2 at step {(sel['candidates'].get('stage2') or {}).get('step')}"}[sel["chosen"]]
+    budget = (record.get("stage2") or {}).get("time_budget")
+    timed = (f" Stage 2 ran {budget['steps']} steps, what `--time-budget {budget['minutes']:g}` (minutes) bought at "
+             f"{budget['step_seconds']:.2f} s a step; `--global-steps {budget['steps']}` repeats the run." if budget else "")
     return (f"\nDistilled with `come distill` from its source model. Mean per-token KL to the source on "
             f"{sel['heldout']['tokens']} held-out tokens (never trained on): {sel['kl_before']:.4f} before, "
-            f"{sel['kl_after']:.4f} after; the output is {kept}. Every check is in `metrics.jsonl`.\n")
+            f"{sel['kl_after']:.4f} after; the output is {kept}.{timed} Every check is in `metrics.jsonl`.\n")
 
 
 def write_card(folder: str | Path, plan: dict, evaluation: dict | None = None, dense: dict | None = None) -> None:

@@ -561,6 +561,11 @@ def distill_command(
     if summary["stage2"]:
         s2 = summary["stage2"]
         typer.echo(f"stage 2: KD loss {s2['initial_loss']:.4g} -> {s2['final_loss']:.4g} in {s2['steps']} steps", err=True)
+        if s2.get("time_budget"):
+            b = s2["time_budget"]
+            typer.echo(f"stage 2: {b['steps']} steps fit in --time-budget {b['minutes']:g} min ({b['step_seconds']:.2f} s "
+                       f"a step, {b['passes']:g} passes over the training windows; --global-steps {b['steps']} repeats it)",
+                       err=True)
     sel = summary["selection"]
     kept = {"input": "the input model, unchanged", "stage1": "the stage-1 result",
             "stage2": f"stage 2 at step {(sel['candidates'].get('stage2') or {}).get('step')}"}[sel["chosen"]]

@@ -53,6 +53,11 @@ class DistillOptions:
     # stage 2
     global_steps: int | None = _opt(None, "Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
                                           "--tokens; 0 skips stage 2.", min=0)
+    time_budget: float | None = _opt(None, "Stage 2: train for about this many minutes (wall clock, its held-out checks "
+                                           "included) instead of one pass over --tokens: the step count is set from two "
+                                           "timed steps, the learning-rate schedule spans it, and the tokens are reused "
+                                           "(reshuffled) if it outlasts them. The count is recorded; --global-steps "
+                                           "repeats it.")
     # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4
     global_lr: float = _opt(3e-3, "Stage-2 peak learning rate (the default suits --lora adapters; full-weight training, --lora 0, wants a smaller one).")
     temperature: float = _opt(1.0, "KD temperature.")
@@ -129,6 +134,11 @@ def _check_options(o: DistillOptions) -> None:
                            "pass --lora 0 with --fsdp")
     if o.global_steps is not None and (not isinstance(o.global_steps, int) or o.global_steps < 0):
         raise DistillError(f"--global-steps must be an integer >= 0, got {o.global_steps!r}")
+    if o.time_budget is not None:
+        if isinstance(o.time_budget, bool) or not isinstance(o.time_budget, (int, float)) or not o.time_budget > 0:
+            raise DistillError(f"--time-budget must be a positive number of minutes, got {o.time_budget!r}")
+        if o.global_steps is not None:
+            raise DistillError("--time-budget sets the number of stage-2 steps: give it or --global-steps, not both")
     if not 0 <= o.warmup < 1 or o.temperature <= 0 or o.lr <= 0 or o.global_lr <= 0:
         raise DistillError("need --global-steps >= 0, 0 <= --warmup < 1, and positive --temperature, --lr, --global-lr")
 

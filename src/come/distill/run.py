@@ -288,7 +288,9 @@ def distill(
     adapter = adapter_for(student.config)
     selection = read_selection(work) if rank == 0 else {}
     if rank == 0 and "input" not in selection["candidates"]:
+        checked = time.perf_counter()
         selection["candidates"]["input"] = check(job, teacher_model, student, "input")
+        selection["check_seconds"] = round(time.perf_counter() - checked, 4)  # prices the checks of --time-budget
         write_selection(work, selection)
     if stage1_layers and rank == 0:
         boundaries = {b for k in stage1_layers for b in (_span(plan["layers"][k])[0], _span(plan["layers"][k])[1] + 1)}
@@ -321,6 +323,8 @@ def distill(
         return {}
 
     stage2 = json.loads((work / "stage2" / "summary.json").read_text()) if o.global_steps else None
+    if stage2 and o.time_budget is not None:
+        o.global_steps = stage2["time_budget"]["steps"]  # what the budget bought: --global-steps N repeats the run
     if stage2 and stage2.get("best"):
         selection["candidates"]["stage2"] = stage2["best"]
     chosen = _choose(selection)

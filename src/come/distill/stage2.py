@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 
 import torch
 import torch.distributed as dist
@@ -148,6 +150,51 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs) if on else model.gradient_checkpointing_disable()
 
 
+BUDGET_FILE = "time_budget.json"
+_clock = time.perf_counter  # the budget's clock (tests substitute their own)
+
+
+def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_batch, selection: dict) -> int:
+    """Stage 2's optimizer steps under --time-budget: as many as fit in the budget with their held-out checks.
+
+    Two whole steps (every micro-batch's forward and backward, clipping and an AdamW step at learning rate 0, which
+    leaves the weights as they are) are timed first; the second, past the first's one-off costs, prices a step.
+    A check is priced by the input model's check. The count is written to the work folder, so a resumed run
+    keeps it (and `--global-steps` with it repeats the run)."""
+    o = job.options
+    path = job.dir / "stage2" / BUDGET_FILE
+    if path.is_file():
+        return json.loads(path.read_text())["steps"]
+    started = _clock()
+    trial = torch.optim.AdamW(params, lr=0.0, weight_decay=o.weight_decay)
+    seconds = []
+    for step in range(2):
+        t0 = _clock()
+        trial.zero_grad(set_to_none=True)
+        for a in range(o.grad_accum):
+            micro_batch(step, a)
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
+        trial.step()
+        seconds.append(_clock() - t0)
+    trial.zero_grad(set_to_none=True)
+    del trial
+    step_s = torch.tensor([seconds[-1]], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # every rank the same count, set by the slowest
+    step_s = float(step_s)
+    check_s = float(selection.get("check_seconds") or 0.0)
+    left = o.time_budget * 60 - (_clock() - started) - check_s  # the last check comes after the last step
+    per_step = step_s + (check_s / o.eval_every if o.eval_every else 0.0)
+    steps = max(1, int(left // per_step))
+    record = {"minutes": o.time_budget, "steps": steps, "step_seconds": round(step_s, 4),
+              "check_seconds": round(check_s, 4), "passes": round(steps * o.grad_accum * world * o.batch_size / rows, 3)}
+    if rank == 0:
+        write_json_atomic(path, record)
+        _log(job.dir, {"stage": 2, "layer": None, "step": 0, "time_budget": record})
+    return steps
+
+
 def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
     final, checkpoint = job.dir / "stage2" / "final.pt", job.dir / "stage2" / "checkpoint.pt"
     best_file, summary = job.dir / "stage2" / "best.pt", job.dir / "stage2" / "summary.json"
@@ -180,7 +227,48 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
 
         net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     params = [dict(student.named_parameters())[n] for n in names]  # after sharding: FSDP's DTensor parameters
-    opt, sched = _optimizer(parameter_groups(names, params, o), o.global_lr, o, o.global_steps)
+
+    pairs = [(k, _span(rec)[1]) for k, rec in enumerate(job.plan_layers)]
+    s_out, t_out = {}, {}
+
+    def keep(store, key):  # assignment, so a checkpointing replay just overwrites
+        return lambda m, a, out: store.__setitem__(key, layer_output(out))
+
+    hooks = [adapter.layers(student)[k].register_forward_hook(keep(s_out, k)) for k, _ in pairs]
+    hooks += [adapter.layers(teacher)[j].register_forward_hook(keep(t_out, j)) for j in {j for _, j in pairs}]
+    precision = autocast_context(device, o.autocast)
+
+    def micro_batch(step: int, a: int) -> torch.Tensor:
+        """Forward and backward of micro-batch `a` of optimizer step `step`: [loss, kd, hidden], averaged over ranks."""
+        first_row = ((step * o.grad_accum + a) * world + rank) * o.batch_size
+        ids = tokens[_stage2_rows(tokens.shape[0], o.seed, first_row, o.batch_size)].to(device)
+        with torch.no_grad(), precision():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        sync = world == 1 or a == o.grad_accum - 1
+        if fsdp:
+            net.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
+        with contextlib.nullcontext() if sync or fsdp else net.no_sync():
+            with precision():
+                kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
+                hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
+            loss = kd + o.hidden_weight * hidden
+            now = torch.stack([loss, kd, hidden]).detach()
+            if world > 1:
+                dist.all_reduce(now)  # every rank sees the same values and stops together
+                now /= world
+            if not torch.isfinite(now).all():
+                raise _non_finite(f"stage 2, step {step + 1}", checkpoint, job.dir)
+            (loss / o.grad_accum).backward()
+        return now
+
+    try:
+        if o.time_budget is not None:
+            o.global_steps = _budget_steps(job, rank, world, params, tokens.shape[0], micro_batch, selection)
+        opt, sched = _optimizer(parameter_groups(names, params, o), o.global_lr, o, o.global_steps)
+    except BaseException:
+        for h in hooks:
+            h.remove()
+        raise
     progress = {"step": 0, "losses": [], "best": {"step": 0, **selection["candidates"][start]}}
     if saved is not None:
         if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
@@ -196,15 +284,6 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         progress = saved["progress"]
         del saved
 
-    pairs = [(k, _span(rec)[1]) for k, rec in enumerate(job.plan_layers)]
-    s_out, t_out = {}, {}
-
-    def keep(store, key):  # assignment, so a checkpointing replay just overwrites
-        return lambda m, a, out: store.__setitem__(key, layer_output(out))
-
-    hooks = [adapter.layers(student)[k].register_forward_hook(keep(s_out, k)) for k, _ in pairs]
-    hooks += [adapter.layers(teacher)[j].register_forward_hook(keep(t_out, j)) for j in {j for _, j in pairs}]
-    precision = autocast_context(device, o.autocast)
     bar = tqdm(total=o.global_steps, initial=progress["step"], desc="stage 2", disable=not o.progress or rank > 0, leave=False)
     try:
         while progress["step"] < o.global_steps:
@@ -213,26 +292,7 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
             opt.zero_grad(set_to_none=True)
             parts = torch.zeros(3, device=device)  # loss, kd, hidden: averaged over micro-batches and ranks
             for a in range(o.grad_accum):
-                first_row = ((step * o.grad_accum + a) * world + rank) * o.batch_size
-                ids = tokens[_stage2_rows(tokens.shape[0], o.seed, first_row, o.batch_size)].to(device)
-                with torch.no_grad(), precision():
-                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-                sync = world == 1 or a == o.grad_accum - 1
-                if fsdp:
-                    net.set_requires_gradient_sync(sync)  # FSDP2's no_sync: reduce-scatter on the last micro-batch
-                with contextlib.nullcontext() if sync or fsdp else net.no_sync():
-                    with precision():
-                        kd = _kl(net(input_ids=ids, use_cache=False).logits, teacher_logits, o.temperature)
-                        hidden = torch.stack([_nmse(s_out[k], t_out[j]) for k, j in pairs]).mean()
-                    loss = kd + o.hidden_weight * hidden
-                    now = torch.stack([loss, kd, hidden]).detach()
-                    if world > 1:
-                        dist.all_reduce(now)  # every rank sees the same values and stops together
-                        now /= world
-                    if not torch.isfinite(now).all():
-                        raise _non_finite(f"stage 2, step {step + 1}", checkpoint, job.dir)
-                    (loss / o.grad_accum).backward()
-                parts += now / o.grad_accum
+                parts += micro_batch(step, a) / o.grad_accum
             lr = _step(params, opt, sched, o)
             loss, kd, hidden = parts.tolist()
             progress["step"] += 1
@@ -266,7 +326,9 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         best = progress["best"] if progress["best"]["step"] > 0 else None  # None: no check beat the start
         if best is not None:
             best_file.replace(final)
-        write_json_atomic(summary, {**_summarize(progress["losses"]), "start": start, "best": best})
+        budget = json.loads((job.dir / "stage2" / BUDGET_FILE).read_text()) if o.time_budget is not None else None
+        write_json_atomic(summary, {**_summarize(progress["losses"]), "start": start, "best": best,
+                                    **({"time_budget": budget} if budget else {})})
         checkpoint.unlink(missing_ok=True)
 
 
