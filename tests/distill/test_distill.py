@@ -486,6 +486,9 @@ def test_time_budget_sets_the_steps_from_timed_steps_and_equals_that_many_global
     assert budget["steps"] == int((30 - 5 - check_s) // (1 + check_s / 3)) == timed["stage2"]["steps"]
     assert timed["options"]["global_steps"] == budget["steps"] and timed["options"]["time_budget"] == 0.5
     assert budget["passes"] == budget["steps"] * 4 / 16  # 16 windows, 4 a step: the budget outlasts them
+    records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records if r["stage"] == "time_budget"] == [budget["steps"]]
+    assert [r["step"] for r in records if r["stage"] == 2] == list(range(1, budget["steps"] + 1))
     card = (tmp_path / "timed" / "README.md").read_text()
     assert f"Stage 2 ran {budget['steps']} steps, what `--time-budget 0.5`" in card and f"`--global-steps {budget['steps']}`" in card
     # The timed steps (AdamW at rate 0) leave the weights alone, and the schedule spans the count: the same run.

@@ -171,10 +171,14 @@ def _write_metrics(work: Path, dest: Path) -> None:
             rec = json.loads(line)
             layer = rec.get("point") if rec["stage"] == "eval" else rec["layer"]
             latest[(rec["stage"], -1 if layer is None else layer, rec["step"])] = rec
-    # Training records by (stage, layer, step); the held-out checks after them, in the order they were made.
-    training = sorted(k for k in latest if k[0] != "eval")
+    # Training records by (stage, layer, step), a --time-budget's count before stage 2's; the held-out checks
+    # after them, in the order they were made.
+    training = sorted(k for k in latest if k[0] in (1, 2))
+    budget = [k for k in latest if k[0] == "time_budget"]
+    stage1 = [k for k in training if k[0] == 1]
     checks = [k for k in latest if k[0] == "eval"]
-    dest.write_text("".join(json.dumps(latest[key]) + "\n" for key in training + checks))
+    order = stage1 + budget + training[len(stage1):] + checks
+    dest.write_text("".join(json.dumps(latest[key]) + "\n" for key in order))
 
 
 def _publish(student, tokenizer, plan: dict, work: Path, out: Path) -> Path:

@@ -191,7 +191,7 @@ def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_bat
               "check_seconds": round(check_s, 4), "passes": round(steps * o.grad_accum * world * o.batch_size / rows, 3)}
     if rank == 0:
         write_json_atomic(path, record)
-        _log(job.dir, {"stage": 2, "layer": None, "step": 0, "time_budget": record})
+        _log(job.dir, {"stage": "time_budget", "layer": None, "step": 0, **record})  # not a training step
     return steps
 
 
