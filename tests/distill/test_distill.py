@@ -461,7 +461,7 @@ def test_lora_rank_not_below_the_layer_width_is_refused_before_work(setup, tmp_p
 
 
 class _Ticks:
-    """A clock that advances one second per reading: two timed steps of 1 s each, 5 s spent before the count."""
+    """A clock that advances one second per reading."""
 
     def __init__(self):
         self.now = 0.0
@@ -477,13 +477,15 @@ def test_time_budget_sets_the_steps_from_timed_steps_and_equals_that_many_global
     _root, teacher_dir, compressed = setup
     run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_lr": 1e-2,
            "batch_size": 4, "lora": 4, "eval_every": 3, "progress": False}
-    monkeypatch.setattr(stage2, "_clock", _Ticks())
+    # The clock's readings: the start, then each trial step's start and end (5, 1, 3 and 2 s), then the end.
+    readings = iter([0.0, 0.0, 5.0, 5.0, 6.0, 6.0, 9.0, 9.0, 11.0, 11.0])
+    monkeypatch.setattr(stage2, "_clock", lambda: next(readings))
     timed = distill(compressed, tmp_path / "timed", time_budget=0.5, **run)
     budget = timed["stage2"]["time_budget"]
     check_s = budget["check_seconds"]
-    assert budget["step_seconds"] == 1.0 and 0 < check_s < 1  # the input model's held-out check, really timed
-    # 30 s, less the 5 s the count took and the last check, at 1 s a step plus a check every 3 steps
-    assert budget["steps"] == int((30 - 5 - check_s) // (1 + check_s / 3)) == timed["stage2"]["steps"]
+    assert budget["step_seconds"] == 2.0 and 0 < check_s < 1  # the median of the last three; the check really timed
+    # 30 s, less the 11 s the count took and the last check, at 2 s a step plus a check every 3 steps
+    assert budget["steps"] == int((30 - 11 - check_s) // (2 + check_s / 3)) == timed["stage2"]["steps"]
     assert timed["options"]["global_steps"] == budget["steps"] and timed["options"]["time_budget"] == 0.5
     assert budget["passes"] == budget["steps"] * 4 / 16  # 16 windows, 4 a step: the budget outlasts them
     records = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
@@ -502,7 +504,7 @@ def test_time_budget_resumes_with_the_recorded_count(setup, tmp_path, monkeypatc
 
     _root, teacher_dir, compressed = setup
     run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_lr": 1e-2,
-           "batch_size": 4, "lora": 4, "eval_every": 2, "time_budget": 0.2, "progress": False}
+           "batch_size": 4, "lora": 4, "eval_every": 2, "time_budget": 0.3, "progress": False}
     monkeypatch.setattr(stage2, "_clock", _Ticks())
     whole = distill(compressed, tmp_path / "whole", **run)
     with pytest.raises(DistillInterrupted):

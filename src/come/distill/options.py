@@ -54,8 +54,8 @@ class DistillOptions:
     global_steps: int | None = _opt(None, "Stage-2 (end-to-end logit KD) optimizer steps. Default: one pass over "
                                           "--tokens; 0 skips stage 2.", min=0)
     time_budget: float | None = _opt(None, "Stage 2: train for about this many minutes (wall clock, its held-out checks "
-                                           "included) instead of one pass over --tokens: the step count is set from two "
-                                           "timed steps, the learning-rate schedule spans it, and the tokens are reused "
+                                           "included) instead of one pass over --tokens: the step count is set from four "
+                                           "trial steps, the learning-rate schedule spans it, and the tokens are reused "
                                            "(reshuffled) if it outlasts them. The count is recorded; --global-steps "
                                            "repeats it.")
     # for LoRA adapters; full-weight training (lora 0) wants a smaller one, near 1e-4

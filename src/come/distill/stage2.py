@@ -157,8 +157,9 @@ _clock = time.perf_counter  # the budget's clock (tests substitute their own)
 def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_batch, selection: dict) -> int:
     """Stage 2's optimizer steps under --time-budget: as many as fit in the budget with their held-out checks.
 
-    Two whole steps (every micro-batch's forward and backward, clipping and an AdamW step at learning rate 0, which
-    leaves the weights as they are) are timed first; the second, past the first's one-off costs, prices a step.
+    Four whole steps (every micro-batch's forward and backward, clipping and an AdamW step at learning rate 0, which
+    leaves the weights as they are) run first; the median of the last three, past the first's one-off costs, prices
+    a step.
     A check is priced by the input model's check. The count is written to the work folder, so a resumed run
     keeps it (and `--global-steps` with it repeats the run)."""
     o = job.options
@@ -168,7 +169,7 @@ def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_bat
     started = _clock()
     trial = torch.optim.AdamW(params, lr=0.0, weight_decay=o.weight_decay)
     seconds = []
-    for step in range(2):
+    for step in range(4):
         t0 = _clock()
         trial.zero_grad(set_to_none=True)
         for a in range(o.grad_accum):
@@ -179,7 +180,7 @@ def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_bat
         seconds.append(_clock() - t0)
     trial.zero_grad(set_to_none=True)
     del trial
-    step_s = torch.tensor([seconds[-1]], dtype=torch.float64)
+    step_s = torch.tensor([sorted(seconds[1:])[1]], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(step_s, op=dist.ReduceOp.MAX)  # every rank the same count, set by the slowest
     step_s = float(step_s)
