@@ -88,7 +88,7 @@ def main() -> None:
         f"Command: `python bench/recovery_goal_smollm2.py {args.compressed} {args.distilled} --limit {args.limit}"
         + (f" --compressed-cell {args.compressed_cell}" if args.compressed_cell else "") + f" --results {args.results}`  ",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}.  ",
-        f"Distillation: {record['seconds']:.0f} s wall; options {json.dumps({k: v for k, v in record['options'].items() if k in ('layers', 'train', 'lora', 'global_steps', 'global_lr', 'hidden_weight', 'batch_size', 'seqlen', 'loss', 'lr')})}; "
+        f"Distillation: {record['seconds']:.0f} s wall; options {json.dumps({k: v for k, v in record['options'].items() if k in ('layers', 'train', 'lora', 'global_steps', 'time_budget', 'global_lr', 'hidden_weight', 'batch_size', 'seqlen', 'loss', 'lr')})}; "
         f"stage-1 tokens per layer {s1.get('tokens_per_layer')}, stage-2 tokens {s2.get('tokens')}; kept: {record['selection']['chosen']} "
         f"(held-out check: KL {record['selection']['kl_before']:.4f} -> {record['selection']['kl_after']:.4f} on "
         f"{record['selection']['heldout']['tokens']} calib-split tokens).  ",
