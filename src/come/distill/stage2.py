@@ -157,11 +157,10 @@ _clock = time.perf_counter  # the budget's clock (tests substitute their own)
 def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_batch, selection: dict) -> int:
     """Stage 2's optimizer steps under --time-budget: as many as fit in the budget with their held-out checks.
 
-    Four whole steps (every micro-batch's forward and backward, clipping and an AdamW step at learning rate 0, which
-    leaves the weights as they are) run first; the median of the last three, past the first's one-off costs, prices
-    a step.
-    A check is priced by the input model's check. The count is written to the work folder, so a resumed run
-    keeps it (and `--global-steps` with it repeats the run)."""
+    Four whole trial steps run first: every micro-batch's forward and backward, clipping, and an AdamW step at
+    learning rate 0, which leaves the weights as they are. The median of the last three (the first carries one-off
+    costs) prices a step; the input model's held-out check prices a check. The count is written to the work
+    folder, so a resumed run keeps it, and `--global-steps` with it repeats the run."""
     o = job.options
     path = job.dir / "stage2" / BUDGET_FILE
     if path.is_file():
