@@ -154,8 +154,9 @@ BUDGET_FILE = "time_budget.json"
 _clock = time.perf_counter  # the budget's clock (tests substitute their own)
 
 
-def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_batch, selection: dict) -> int:
-    """Stage 2's optimizer steps under --time-budget: as many as fit in the budget with their held-out checks.
+def _time_budget(job: _Job, rank: int, world: int, params, rows: int, micro_batch, selection: dict) -> dict:
+    """The record of --time-budget; its "steps": stage 2's optimizer steps, as many as fit in the budget with their
+    held-out checks.
 
     Four whole trial steps run first: every micro-batch's forward and backward, clipping, and an AdamW step at
     learning rate 0, which leaves the weights as they are. The median of the last three (the first carries one-off
@@ -164,7 +165,7 @@ def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_bat
     o = job.options
     path = job.dir / "stage2" / BUDGET_FILE
     if path.is_file():
-        return json.loads(path.read_text())["steps"]
+        return json.loads(path.read_text())
     started = _clock()
     trial = torch.optim.AdamW(params, lr=0.0, weight_decay=o.weight_decay)
     seconds = []
@@ -192,7 +193,7 @@ def _budget_steps(job: _Job, rank: int, world: int, params, rows: int, micro_bat
     if rank == 0:
         write_json_atomic(path, record)
         _log(job.dir, {"stage": "time_budget", "layer": None, "step": 0, **record})  # not a training step
-    return steps
+    return record
 
 
 def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
@@ -261,31 +262,28 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
             (loss / o.grad_accum).backward()
         return now
 
+    bar, budget = None, None
     try:
         if o.time_budget is not None:
-            o.global_steps = _budget_steps(job, rank, world, params, tokens.shape[0], micro_batch, selection)
+            budget = _time_budget(job, rank, world, params, tokens.shape[0], micro_batch, selection)
+            o.global_steps = budget["steps"]
         opt, sched = _optimizer(parameter_groups(names, params, o), o.global_lr, o, o.global_steps)
-    except BaseException:
-        for h in hooks:
-            h.remove()
-        raise
-    progress = {"step": 0, "losses": [], "best": {"step": 0, **selection["candidates"][start]}}
-    if saved is not None:
-        if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
+        progress = {"step": 0, "losses": [], "best": {"step": 0, **selection["candidates"][start]}}
+        if saved is not None:
+            if fsdp:  # the full, name-keyed state every rank loaded: each keeps its shard
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_optimizer_state_dict,
+                )
 
-            set_optimizer_state_dict(net, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        progress = saved["progress"]
-        del saved
+                set_optimizer_state_dict(net, opt, saved["optimizer"], options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            progress = saved["progress"]
+            del saved
 
-    bar = tqdm(total=o.global_steps, initial=progress["step"], desc="stage 2", disable=not o.progress or rank > 0, leave=False)
-    try:
+        bar = tqdm(total=o.global_steps, initial=progress["step"], desc="stage 2", disable=not o.progress or rank > 0, leave=False)
         while progress["step"] < o.global_steps:
             step = progress["step"]
             torch.manual_seed(_seed(o.seed, "stage2", step, rank))
@@ -318,7 +316,8 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
     finally:
         for h in hooks:
             h.remove()
-        bar.close()
+        if bar is not None:
+            bar.close()
     if o.gradient_checkpointing:
         _set_checkpointing(student, False)
     student.eval().requires_grad_(False)
@@ -326,7 +325,6 @@ def _stage2(rank: int, world: int, job: _Job, models=None) -> None:
         best = progress["best"] if progress["best"]["step"] > 0 else None  # None: no check beat the start
         if best is not None:
             best_file.replace(final)
-        budget = json.loads((job.dir / "stage2" / BUDGET_FILE).read_text()) if o.time_budget is not None else None
         write_json_atomic(summary, {**_summarize(progress["losses"]), "start": start, "best": best,
                                     **({"time_budget": budget} if budget else {})})
         checkpoint.unlink(missing_ok=True)
