@@ -16,7 +16,7 @@ import torch
 
 def step(teacher, student, ids, params, autocast: bool) -> None:
     from come.distill import _kl
-    from come.distill.common import autocast_context
+    from come.engine.precision import autocast_context
 
     with autocast_context(torch.device("cpu"), "on" if autocast else "off")():
         with torch.no_grad():

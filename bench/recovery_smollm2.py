@@ -136,7 +136,7 @@ def same_draw(compressed: Path, budget: int, seqlen: int, passes: int, args) -> 
 def cpu_kind() -> str:
     """The CPU's vector unit as torch sees it, and whether it computes bfloat16 natively: seconds measured on
     different CPUs do not compare."""
-    from come.distill.common import native_bf16
+    from come.engine.precision import native_bf16
 
     return torch.backends.cpu.get_cpu_capability() + (", native bf16" if native_bf16(torch.device("cpu")) else "")
 

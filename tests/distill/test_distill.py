@@ -425,18 +425,18 @@ def test_lora_plus_moves_the_b_matrices_at_its_multiple_of_the_rate(setup, tmp_p
 
 
 def test_bf16_autocast_runs_the_forward_passes_in_bfloat16_and_keeps_float32_weights(setup, tmp_path, monkeypatch):
-    from come.distill import common
+    from come.engine import precision
 
     layer = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
     cpu = torch.device("cpu")
-    with common.autocast_context(cpu, "on")():
+    with precision.autocast_context(cpu, "on")():
         assert layer(x).dtype == torch.bfloat16
-    with common.autocast_context(cpu, "off")():
+    with precision.autocast_context(cpu, "off")():
         assert layer(x).dtype == torch.float32
     for native in (True, False):  # auto: on exactly where the device computes bfloat16 natively
-        monkeypatch.setattr(common, "native_bf16", lambda device, native=native: native)
-        with common.autocast_context(cpu, "auto")():
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        with precision.autocast_context(cpu, "auto")():
             assert layer(x).dtype == (torch.bfloat16 if native else torch.float32)
     _root, teacher_dir, compressed = setup
     run = {"teacher": teacher_dir, "tokens": TRAIN, "heldout": HELD_OUT, "layers": "none", "global_steps": 4, "global_lr": 1e-2,

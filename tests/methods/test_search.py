@@ -348,3 +348,29 @@ def test_the_default_keeps_bfloat16_activations_and_scores_as_float32_does():
             assert (a["loss"] is None) == (b["loss"] is None)
             if a["loss"] is not None:
                 assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["loss"] != a["loss"]
+
+
+def test_candidate_losses_under_bfloat16_autocast_only_rank_and_the_plan_says_which_ran(monkeypatch):
+    """`search_autocast`: on runs the candidates' loss passes in bfloat16 autocast, so their losses move by its
+    rounding; merges, refits and the calibration pass stay float32, so with the same picks the model is
+    bit-identical. auto is on exactly where the device computes bfloat16 natively."""
+    from come.engine import precision
+
+    def run(mode):
+        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, search_autocast=mode)
+
+    off, on = run("off"), run("on")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    native = run("auto")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    emulated = run("auto")
+    assert [r.plan["execution"]["search_loss_precision"] for r in (off, on, native, emulated)] == [
+        "float32", "bfloat16 autocast", "bfloat16 autocast", "float32"]
+    assert native.plan["steps"] == on.plan["steps"] and emulated.plan["steps"] == off.plan["steps"]
+    for exact, rounded in zip(off.plan["steps"], on.plan["steps"]):
+        assert exact["chosen"]["covers"] == rounded["chosen"]["covers"]
+        for a, b in zip(exact["candidates"], rounded["candidates"]):
+            if a["loss"] is not None:
+                assert b["loss"] == pytest.approx(a["loss"], rel=2e-2) and b["loss"] != a["loss"]
+    for name, tensor in off.model.state_dict().items():
+        assert torch.equal(tensor, on.model.state_dict()[name]), name

@@ -89,8 +89,8 @@ def distill_settings(given: dict) -> dict:
 # stage 2 in float32 (the default is now bfloat16 autocast where the device has it natively).
 DISTILL_BEFORE = {"autocast": "off"}
 # Compression options added after cells were made, likewise: come-search scored every candidate on all its
-# scored sequences before its finalists screen.
-COMPRESS_BEFORE = {"search_finalists": 0, "search_finalist_samples": 4}
+# scored sequences before its finalists screen, and in float32 before its candidate losses' autocast.
+COMPRESS_BEFORE = {"search_finalists": 0, "search_finalist_samples": 4, "search_autocast": "off"}
 
 
 def _compress_before(method: str, options: dict) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -133,27 +132,6 @@ _KL_BLOCK_ACCELERATOR = 1 << 26  # on a GPU, fewer and larger blocks: each block
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) at `temperature`, scaled by T^2 (Hinton et al.)."""
     return _ChunkedKL.apply(student_logits, teacher_logits.detach(), float(temperature))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bfloat16 natively (a CUDA GPU that supports it; a CPU with AMX or AVX512-BF16),
-    where bfloat16 autocast speeds training up; elsewhere it is emulated and slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_context(device: torch.device, mode: str):
-    """A factory of the context that stage 2's forward passes run in: bfloat16 autocast, or nothing."""
-    if mode == "on" or (mode == "auto" and native_bf16(device)):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def _summarize(losses: list[float]) -> dict:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapters import adapter_for
 from ..core.scoring import layer_output
+from ..engine.precision import autocast_context
 from ..outputs import write_json_atomic
 from .common import (
     _apply_trained,
@@ -31,7 +32,6 @@ from .common import (
     _span,
     _step,
     _summarize,
-    autocast_context,
 )
 from .select import check, read_selection
 

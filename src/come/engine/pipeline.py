@@ -77,6 +77,8 @@ class CompressionContext:
     _cache: BoundaryCache | None = None
     # The damping the latest refit's walk chose: where the next walk starts (fewer solves, same choice).
     damping_hint: float | None = None
+    # What a method reports about how it ran, for the plan's `execution` record (e.g. the search's loss precision).
+    execution_notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.layers is None:
@@ -351,6 +353,7 @@ def execution_record(execution, ctx: CompressionContext, storage: str, method_se
         **execution.settings(),
         # layer_passes: every decoder-layer pass (what-if losses, refits included) in whole-calibration-set equivalents.
         **ctx.pass_counts(),
+        **ctx.execution_notes,
         "method_seconds": round(method_seconds, 2),  # calibration passes, scores and merges
         **execution.counters(),
     }

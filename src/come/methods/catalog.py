@@ -41,6 +41,11 @@ BUILTIN: tuple[MethodSpec, ...] = (
             Option("search_finalist_samples", int, 4, "calibration sequences of the --search-finalists screen "
                                                        "(a multiple of --batch-size keeps the finalists' losses "
                                                        "bit-identical to an unscreened run's).", min=1),
+            Option("search_autocast", Literal["auto", "on", "off"], "auto",
+                   "candidate losses under bfloat16 autocast: auto (where the device computes bfloat16 natively: "
+                   "a CPU with AMX or AVX512-BF16, a GPU) | on | off. Only the ranking uses it: merges, refits "
+                   "and the calibration pass stay in the model's precision (the plan's execution record says "
+                   "which ran)."),
             Option("search_ratios", tuple[float, ...], (), "first-layer channel shares tried besides the BI ratio "
                                                            "(none by default: slower, and no better in "
                                                            "bench/results/README.md).", min=0, max=1),

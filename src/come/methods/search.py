@@ -30,14 +30,19 @@ on to the rest (a screen: the pick is unchanged whenever the winner over all
 sequences is among them). The lowest loss wins (ties: the earlier candidate in
 the order above), so at every step the chosen operation's loss is no higher
 than that of the best deletion finalist. Every candidate's loss (or screen
-loss) is in the plan's steps.
+loss) is in the plan's steps. With `search_autocast` (auto: where the device
+computes bfloat16 natively) the loss passes run under bfloat16 autocast: the
+ranking only, since the candidates themselves are built in full precision.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from tqdm.auto import tqdm
 
 from ..core.scoring import mean_loss
+from ..engine.precision import autocast_context, uses_autocast
 from ..errors import MergeError
 from .come import bi_ratios, merge_with_ratios
 from .come_p import candidate_ratios
@@ -100,10 +105,11 @@ def deletion_candidates(ctx, bi, errors, screen: dict[int, float] | None = None)
     return chosen
 
 
-def score_candidates(cache, candidates, samples: int | None, finalists: int, screen_samples: int) -> None:
+def score_candidates(cache, candidates, samples: int | None, finalists: int, screen_samples: int,
+                     precision=nullcontext) -> None:
     """Set each candidate entry's "loss": the calibration loss on the first `samples` sequences of the
     model with the candidate in place (its "pass": where the changed part starts, and the stack run
-    from there).
+    from there), each pass inside a `precision()` context (bfloat16 autocast, or nothing).
 
     With `finalists` N > 0 (and more than N candidates), every candidate is first scored
     on the first `screen_samples` sequences (recorded as "screen_loss"); only the N lowest (ties: the
@@ -112,17 +118,22 @@ def score_candidates(cache, candidates, samples: int | None, finalists: int, scr
     screen changes a pick only when the whole-sample winner is not among the screen's N best.
     """
     total = cache.tokens.shape[0] if samples is None else min(samples, cache.tokens.shape[0])
+
+    def loss_sum(first, stack, **kwargs):
+        with precision():
+            return cache.loss_sum_through(first, stack, **kwargs)
+
     if not finalists or finalists >= len(candidates) or screen_samples >= total:
         for c in candidates:
-            c["entry"]["loss"] = cache.loss_through(*c["pass"], samples=total)
+            c["entry"]["loss"] = mean_loss(loss_sum(*c["pass"], samples=total))
         return
-    screens = [cache.loss_sum_through(*c["pass"], samples=screen_samples) for c in candidates]
+    screens = [loss_sum(*c["pass"], samples=screen_samples) for c in candidates]
     for c, part in zip(candidates, screens):
         c["entry"]["screen_loss"] = mean_loss(part)
     order = sorted(range(len(candidates)), key=lambda i: (candidates[i]["entry"]["screen_loss"], i))
     for i in sorted(order[:finalists]):
         first, stack = candidates[i]["pass"]
-        rest = cache.loss_sum_through(first, stack, samples=total, skip=screen_samples)
+        rest = loss_sum(first, stack, samples=total, skip=screen_samples)
         candidates[i]["entry"]["loss"] = mean_loss((screens[i][0] + rest[0], screens[i][1] + rest[1]))
 
 
@@ -153,9 +164,17 @@ def _window_key(ctx, kind: str, positions, extra=()) -> tuple:
     return (kind, covers, *extra, max(c for cov in covers for c in cov))
 
 
-def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
+def loss_precision(ctx):
+    """The context factory of the candidate losses (`search_autocast`), noted in the plan's execution record."""
+    on = uses_autocast(ctx.cache.device, ctx.options.search_autocast)
+    ctx.execution_notes["search_loss_precision"] = "bfloat16 autocast" if on else str(ctx.layers.dtype).removeprefix("torch.")
+    return autocast_context(ctx.cache.device, "on" if on else "off")
+
+
+def search_step(ctx, size: int, memo: _Memo | None = None, precision=None) -> dict:
     """Score every candidate, apply the best; returns the step record."""
     cache, opts = ctx.cache, ctx.options
+    precision = precision if precision is not None else loss_precision(ctx)
     memo = memo if memo is not None else _Memo()
     samples = opts.search_samples
     bi = cache.block_influence()
@@ -219,7 +238,7 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
         raise MergeError(
             f"come-search has no candidate at {ctx.num_layers} layers: raise --search-windows or --search-deletions"
         )
-    score_candidates(cache, candidates, samples, opts.search_finalists, opts.search_finalist_samples)
+    score_candidates(cache, candidates, samples, opts.search_finalists, opts.search_finalist_samples, precision)
     # The lowest loss; ties go to the earlier candidate (merges by window distance, then deletions by BI).
     # A candidate the screen left out has no loss and is never chosen.
     finalists = [(i, c) for i, c in enumerate(candidates) if c["entry"]["loss"] is not None]
@@ -254,10 +273,10 @@ def search_step(ctx, size: int, memo: _Memo | None = None) -> dict:
 
 def run(ctx, target_layers: int) -> None:
     total = ctx.num_layers - target_layers
-    memo = _Memo()
+    memo, precision = _Memo(), loss_precision(ctx)
     with tqdm(total=total, desc="merge-or-drop search", unit="layer", disable=not ctx.options.progress) as bar:
         while ctx.num_layers > target_layers:
             size = min(ctx.options.merge_size, ctx.num_layers - target_layers + 1)
             before = ctx.num_layers
-            search_step(ctx, size, memo)
+            search_step(ctx, size, memo, precision)
             bar.update(before - ctx.num_layers)
