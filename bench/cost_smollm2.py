@@ -5,7 +5,8 @@ Both compress SmolLM2-135M at the same ratio from the same calibration set (the 
 Each compression runs in its own process (`--worker`), so that its peak RSS and CPU time are its own:
 model load, calibration and search included, saving excluded. Reports wall and CPU seconds, peak RSS,
 decoder-layer passes, the time ratio, and whether the default's plan (layer covers, kept channels) equals
-the committed cell `smollm2_methods/cells/come-search-r<ratio>.json` when it exists.
+the committed cell `smollm2_methods/cells/come-search-r<ratio>.json` when it exists. On a CPU with native
+bfloat16 the default with float32 candidate losses runs beside them (`--search-autocast off`).
 
     OMP_NUM_THREADS=1 python bench/cost_smollm2.py --ratio 0.3 --repeats 1 --results bench/results/cost_smollm2
 """
@@ -24,7 +25,10 @@ import _results  # bench/ is on sys.path when a bench script runs
 import torch
 
 HERE = Path(__file__).resolve().parent
-RUNS = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search (default)": {"method": "come-search"}}
+RUNS = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search (default)": {"method": "come-search"},
+        # Where the CPU computes bfloat16 natively the default ranks its candidates in bfloat16: the float32 ranking
+        # beside it shows what that saves (elsewhere the two are the same run, and this one is left out).
+        "come-search (float32 candidate losses)": {"method": "come-search", "search_autocast": "off"}}
 
 
 def worker(name: str, ratio: float) -> dict:
@@ -50,6 +54,7 @@ def worker(name: str, ratio: float) -> dict:
         "final_layers": result.plan["final_layers"],
         "calibration": f"{calib.nsamples} x {calib.seqlen}",
         "layers": result.plan["layers"],
+        "search_loss_precision": result.plan["execution"].get("search_loss_precision"),
     }
 
 
@@ -96,13 +101,16 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.ratio)))
         return
 
-    rows = {name: [] for name in RUNS}
+    from come.engine.precision import native_bf16
+
+    names = [name for name in RUNS if native_bf16(torch.device("cpu")) or RUNS[name].get("search_autocast") != "off"]
+    rows = {name: [] for name in names}
     command = _results.command_line()
     if args.report_only:  # the measurements and the command that made them
         rows = json.loads(Path(args.results).with_suffix(".json").read_text())["rows"]
         command = command.replace(" --report-only", "")
     for _ in range(0 if args.report_only else args.repeats):
-        for name in RUNS:
+        for name in names:
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--ratio", str(args.ratio)], check=True,
                                  stdout=subprocess.PIPE, text=True).stdout
             row = json.loads(out.strip().splitlines()[-1])
@@ -133,6 +141,13 @@ def main() -> None:
         lines.append(f"| {name} | {r['final_layers']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['layer_passes']} |")
     lines += ["", f"CPU-time ratio (default / paper): **{ratio:.2f}x**."]
+    float32 = best.get("come-search (float32 candidate losses)")
+    if float32 is not None:
+        lines.append(f"The default's candidate losses: {best['come-search (default)'].get('search_loss_precision')}. With "
+                     f"float32 candidate losses (`--search-autocast off`): **{float32['cpu_seconds'] / best['come (paper)']['cpu_seconds']:.2f}x** "
+                     f"the paper's CoMe; the default takes {best['come-search (default)']['cpu_seconds'] / float32['cpu_seconds']:.3f} "
+                     f"of its CPU time; picks against it: "
+                     f"{plan_differences(float32['layers'], best['come-search (default)']['layers'])}.")
     if same_plan is not None:
         lines.append(f"Default's picks (layer covers, kept KV groups and FFN neurons, refit dampings) equal to the committed method-table cell "
                      f"`smollm2_methods/cells/{committed.name}`: **{same_plan}** ({differences}).")

@@ -1,8 +1,9 @@
 # Probe behind bench/results/cost_probes.md (run from the repository root with the venv active).
-"""The default at a ratio on SmolLM2 with its candidate losses computed under bfloat16 autocast (argv: mode,
-ratio, out.json[, model]; mode `off`: as shipped; `layers`: the candidates' layers under autocast, the final norm and
-LM head in float32; `all`: layers and head under autocast). Writes the plan's layers, every step's candidate
-losses and the CPU time; `compare A.json B.json` prints where two runs' picks differ.
+"""The default at a ratio with its candidate losses in float32 or under bfloat16 autocast (argv: mode, ratio,
+out.json[, model]; mode `off`: `--search-autocast off`; `all`: `--search-autocast on`, the candidates' layers and
+the LM head under autocast; `layers`: the layers under autocast, the final norm and LM head in float32).
+Writes the plan's layers, every step's candidate losses and the CPU time; `compare A.json B.json` prints
+where two runs' picks differ and how far their losses moved.
     OMP_NUM_THREADS=1 python bench/probes/bf16_scoring.py off 0.3 off.json   (one per mode, at once)
     OMP_NUM_THREADS=1 python bench/probes/bf16_scoring.py off 0.1 off.json gemma3-270m
 """
@@ -38,22 +39,20 @@ def run(mode: str, ratio: float, out: str, model: str | None = None) -> None:
             yield rows, x.float()
 
     def loss(self, *args, **kwargs):
-        if mode == "all":
-            with autocast():
-                return original_loss(self, *args, **kwargs)
         self.run_through = run_layers_in_bf16.__get__(self)
         try:
             return original_loss(self, *args, **kwargs)
         finally:
             del self.run_through
 
-    if mode != "off":
+    if mode == "layers":
         BoundaryCache.loss_sum_through = loss
     loaded = load_model(model)
     calib = resolve_options(method_defaults("come-search"), {})
     tokens = calibration_tokens(loaded.tokenizer, "wikipedia", calib.nsamples, calib.seqlen, seed=0)
     cpu = time.process_time()
-    result = come.compress(loaded, ratio=ratio, tokens=tokens, progress=False)
+    result = come.compress(loaded, ratio=ratio, tokens=tokens, progress=False,
+                           search_autocast="on" if mode == "all" else "off")
     seconds = time.process_time() - cpu
     steps = [[(c.get("screen_loss"), c["loss"]) for c in s["candidates"]] for s in result.plan["steps"]]
     Path(out).write_text(json.dumps({"mode": mode, "cpu_seconds": seconds, "layers": result.plan["layers"],
@@ -71,8 +70,13 @@ def compare(a: str, b: str) -> None:
 
     print(a, b, plan_differences(layers(x), layers(y)))
     for i, (sx, sy) in enumerate(zip(x.get("steps", []), y.get("steps", []))):
-        gaps = [abs(p[1] - q[1]) for p, q in zip(sx, sy) if p[1] is not None and q[1] is not None]
-        print(f"step {i}: largest loss difference {max(gaps, default=0):.2e}; losses", [p[1] for p in sx])
+        both = [j for j, (p, q) in enumerate(zip(sx, sy)) if p[1] is not None and q[1] is not None]
+        gaps = [abs(sx[j][1] - sy[j][1]) for j in both]
+        # The pick's margin in A (runner-up's loss minus the winner's) and how far B moved that difference.
+        w = min(both, key=lambda j: sx[j][1])
+        margin = min(((sx[j][1] - sx[w][1]), (sy[j][1] - sy[w][1]) - (sx[j][1] - sx[w][1])) for j in both if j != w)
+        print(f"step {i}: largest loss difference {max(gaps, default=0):.2e}; winner's margin {margin[0]:.2e}, "
+              f"moved by {margin[1]:+.2e}")
 
 
 if __name__ == "__main__":
