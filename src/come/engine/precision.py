@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-AUTOCAST = ("auto", "on", "off")
-
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 natively (a CUDA GPU that supports it; a CPU with AMX or AVX512-BF16),
