@@ -1,7 +1,7 @@
 # Probe behind bench/results/cost_probes.md (run from the repository root with the venv active).
 """The default at a ratio with its candidate losses in float32 or under bfloat16 autocast (argv: mode, ratio,
 out.json[, model]; mode `off`: `--search-autocast off`; `all`: `--search-autocast on`, the candidates' layers and
-the LM head under autocast; `layers`: the layers under autocast, the final norm and LM head in float32).
+the LM head under autocast).
 Writes the plan's layers, every step's candidate losses and the CPU time; `compare A.json B.json` prints
 where two runs' picks differ and how far their losses moved.
     OMP_NUM_THREADS=1 python bench/probes/bf16_scoring.py off 0.3 off.json   (one per mode, at once)
@@ -16,10 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(mode: str, ratio: float, out: str, model: str | None = None) -> None:
-    import torch
-
     import come
-    from come.core.scoring import BoundaryCache
     from come.engine.allocator import keep_freed_memory
     from come.engine.models import load_model
     from come.engine.options import resolve_options
@@ -27,26 +24,6 @@ def run(mode: str, ratio: float, out: str, model: str | None = None) -> None:
     from come.methods import method_defaults
 
     keep_freed_memory()
-    original_loss, original_run = BoundaryCache.loss_sum_through, BoundaryCache.run_through
-
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-
-    def run_layers_in_bf16(self, *args, **kwargs):
-        with autocast():
-            outs = list(original_run(self, *args, **kwargs))
-        for rows, x in outs:
-            yield rows, x.float()
-
-    def loss(self, *args, **kwargs):
-        self.run_through = run_layers_in_bf16.__get__(self)
-        try:
-            return original_loss(self, *args, **kwargs)
-        finally:
-            del self.run_through
-
-    if mode == "layers":
-        BoundaryCache.loss_sum_through = loss
     loaded = load_model(model)
     calib = resolve_options(method_defaults("come-search"), {})
     tokens = calibration_tokens(loaded.tokenizer, "wikipedia", calib.nsamples, calib.seqlen, seed=0)
@@ -82,5 +59,7 @@ def compare(a: str, b: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "compare":
         compare(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] not in ("off", "all"):
+        sys.exit(f"mode must be off, all or compare, not {sys.argv[1]!r}")
     else:
         run(sys.argv[1], float(sys.argv[2]), sys.argv[3], *sys.argv[4:5])
