@@ -6,7 +6,9 @@ Each compression runs in its own process (`--worker`), so that its peak RSS and 
 model load, calibration and search included, saving excluded. Reports wall and CPU seconds, peak RSS,
 decoder-layer passes, the time ratio, and whether the default's plan (layer covers, kept channels) equals
 the committed cell `smollm2_methods/cells/come-search-r<ratio>.json` when it exists. On a CPU with native
-bfloat16 the default with float32 candidate losses runs beside them (`--search-autocast off`).
+bfloat16 three more runs go beside them: the paper's CoMe with the default's bfloat16 layer passes
+(`--autocast on`), and the default with float32 layer passes (`--autocast off`), and with float32 candidate
+losses too (`--search-autocast off`).
 
     OMP_NUM_THREADS=1 python bench/cost_smollm2.py --ratio 0.3 --repeats 1 --results bench/results/cost_smollm2
 """
@@ -25,10 +27,19 @@ import _results  # bench/ is on sys.path when a bench script runs
 import torch
 
 HERE = Path(__file__).resolve().parent
-RUNS = {"come (paper)": {"method": "come", "allow_remerge": False}, "come-search (default)": {"method": "come-search"},
-        # Where the CPU computes bfloat16 natively the default ranks its candidates in bfloat16: the float32 ranking
-        # beside it shows what that saves (elsewhere the two are the same run, and this one is left out).
-        "come-search (float32 candidate losses)": {"method": "come-search", "search_autocast": "off"}}
+PAPER, DEFAULT = "come (paper)", "come-search (default)"
+PAPER_BF16 = "come (paper), bfloat16 layer passes"
+FLOAT32_PASSES = "come-search (float32 layer passes)"
+FLOAT32_ALL = "come-search (float32 layer passes and candidate losses)"
+RUNS = {PAPER: {"method": "come", "allow_remerge": False},
+        PAPER_BF16: {"method": "come", "allow_remerge": False, "autocast": "on"},
+        DEFAULT: {"method": "come-search"},
+        FLOAT32_PASSES: {"method": "come-search", "autocast": "off"},
+        FLOAT32_ALL: {"method": "come-search", "autocast": "off", "search_autocast": "off"}}
+# Where the CPU computes bfloat16 natively the default runs its layer passes and ranks its candidates in
+# bfloat16: these runs show what each saves, and what the paper's CoMe gets from the same layer passes.
+# Elsewhere they are the same runs as the paper's CoMe or the default, and are left out.
+NATIVE_ONLY = (PAPER_BF16, FLOAT32_PASSES, FLOAT32_ALL)
 
 
 def worker(name: str, ratio: float) -> dict:
@@ -55,6 +66,7 @@ def worker(name: str, ratio: float) -> dict:
         "calibration": f"{calib.nsamples} x {calib.seqlen}",
         "layers": result.plan["layers"],
         "search_loss_precision": result.plan["execution"].get("search_loss_precision"),
+        "layer_pass_precision": result.plan["execution"].get("layer_pass_precision"),
     }
 
 
@@ -103,7 +115,7 @@ def main() -> None:
 
     from come.engine.precision import native_bf16
 
-    names = [name for name in RUNS if native_bf16(torch.device("cpu")) or RUNS[name].get("search_autocast") != "off"]
+    names = [name for name in RUNS if native_bf16(torch.device("cpu")) or name not in NATIVE_ONLY]
     rows = {name: [] for name in names}
     command = _results.command_line()
     if args.report_only:  # the measurements and the command that made them
@@ -118,19 +130,19 @@ def main() -> None:
             print(f"{name}: {row['seconds']:.1f} s wall, {row['cpu_seconds']:.1f} CPU-s, {row['peak_rss_gb']:.2f} GB, "
                   f"{row['layer_passes']} layer passes", flush=True)
     best = {name: min(rs, key=lambda r: r["cpu_seconds"]) for name, rs in rows.items()}
-    ratio = best["come-search (default)"]["cpu_seconds"] / best["come (paper)"]["cpu_seconds"]
+    ratio = best[DEFAULT]["cpu_seconds"] / best[PAPER]["cpu_seconds"]
     # The default's cell of the committed method table was made from the same calibration.
     committed = HERE / "results" / "smollm2_methods" / "cells" / f"come-search-r{args.ratio:g}.json"
     same_plan = differences = None
     if committed.is_file():
         committed_layers = json.loads(committed.read_text())["plan_layers"]
-        same_plan = picks(committed_layers) == picks(best["come-search (default)"]["layers"])
-        differences = plan_differences(committed_layers, best["come-search (default)"]["layers"])
+        same_plan = picks(committed_layers) == picks(best[DEFAULT]["layers"])
+        differences = plan_differences(committed_layers, best[DEFAULT]["layers"])
     lines = [
         "# Compression cost: default method vs the paper's CoMe (SmolLM2-135M, one run)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: {best['come (paper)']['calibration']} Wikipedia "
+        f"Machine: {_results.machine(torch.get_num_threads())}. Calibration: {best[PAPER]['calibration']} Wikipedia "
         f"tokens (seed 0), ratio {args.ratio}. Each compression in its own process: model load, calibration and "
         "search, no save.",
         "",
@@ -141,13 +153,18 @@ def main() -> None:
         lines.append(f"| {name} | {r['final_layers']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
                      f"{r['layer_passes']} |")
     lines += ["", f"CPU-time ratio (default / paper): **{ratio:.2f}x**."]
-    float32 = best.get("come-search (float32 candidate losses)")
-    if float32 is not None:
-        lines.append(f"The default's candidate losses: {best['come-search (default)'].get('search_loss_precision')}. With "
-                     f"float32 candidate losses (`--search-autocast off`): **{float32['cpu_seconds'] / best['come (paper)']['cpu_seconds']:.2f}x** "
-                     f"the paper's CoMe; the default takes {best['come-search (default)']['cpu_seconds'] / float32['cpu_seconds']:.3f} "
-                     f"of its CPU time; picks against it: "
-                     f"{plan_differences(float32['layers'], best['come-search (default)']['layers'])}.")
+    default = best[DEFAULT]
+    lines.append(f"The default's layer passes: {default.get('layer_pass_precision')}; its candidate losses: "
+                 f"{default.get('search_loss_precision')}.")
+    if PAPER_BF16 in best:
+        lines.append(f"Against the paper's CoMe with the same bfloat16 layer passes (`--autocast on`): "
+                     f"**{default['cpu_seconds'] / best[PAPER_BF16]['cpu_seconds']:.2f}x**.")
+    for name, flags in ((FLOAT32_PASSES, "`--autocast off`, the default before"),
+                        (FLOAT32_ALL, "`--autocast off --search-autocast off`")):
+        if name in best:
+            lines.append(f"{name} ({flags}): **{best[name]['cpu_seconds'] / best[PAPER]['cpu_seconds']:.2f}x** the paper's "
+                         f"CoMe; the default takes {default['cpu_seconds'] / best[name]['cpu_seconds']:.3f} of its CPU time; "
+                         f"the default's picks against it: {plan_differences(best[name]['layers'], default['layers'])}.")
     if same_plan is not None:
         lines.append(f"Default's picks (layer covers, kept KV groups and FFN neurons, refit dampings) equal to the committed method-table cell "
                      f"`smollm2_methods/cells/{committed.name}`: **{same_plan}** ({differences}).")

@@ -176,11 +176,13 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     # made before come-search's finalists screen: every candidate scored, whatever today's default
     assert new == {**grid, "method": "come-search",
                    "options": cell_options("come-search", {"nsamples": 32, "seqlen": 512, "search_samples": 4,
-                                                           "search_finalists": 0, "search_autocast": "off"})}
+                                                           "search_finalists": 0, "search_autocast": "off",
+                                                           "autocast": "off"})}
     assert cell_options("come-search", {})["search_finalists"] != 0
-    assert cell_options("come-search", {})["search_autocast"] == "auto"
+    assert cell_options("come-search", {})["search_autocast"] == "auto" == cell_options("come-search", {})["autocast"]
     assert migrate_settings(new, "come-search-512") == new
-    before_screen = {k: v for k, v in new["options"].items() if not k.startswith("search_finalist") and k != "search_autocast"}
+    before_screen = {k: v for k, v in new["options"].items() if not k.startswith("search_finalist")
+                     and k not in ("search_autocast", "autocast")}
     assert migrate_settings({**new, "options": before_screen}, "come-search-512") == new
     shortgpt = {**grid, "method": "shortgpt", "options": cell_options("shortgpt", {})}
     assert migrate_settings(shortgpt, "shortgpt") == shortgpt  # an option it does not read is not added
@@ -215,7 +217,8 @@ def test_old_cells_migrate_to_resolved_options_and_stay_valid(tmp_path):
     result = runner.invoke(app, args + ["--set", "come-search-512.search_finalists=0"])
     assert "not run yet: come-search-512-r0.2, come-search-r0.2." in (out / "results.md").read_text()
     result = runner.invoke(app, args + ["--set", "come-search-512.search_finalists=0",
-                                        "--set", "come-search-512.search_autocast=off"])
+                                        "--set", "come-search-512.search_autocast=off",
+                                        "--set", "come-search-512.autocast=off"])
     assert result.exit_code == 0, result.output
     # come-search ran with its own 128 x 128 calibration: the bench no longer gives it 32 x 512.
     assert "not run yet: come-search-r0.2." in (out / "results.md").read_text()

@@ -346,6 +346,32 @@ def test_refit_lowers_the_span_error_and_equals_a_direct_lstsq():
     assert record["covers"] == [1, 2] and record["rows"] == TOKENS.numel()
 
 
+@torch.no_grad()
+def test_refit_statistics_under_autocast_sum_the_bfloat16_pass_in_full_precision():
+    """With `autocast` on, only the layer's pass runs in bfloat16: the statistics of what it output are summed
+    as in float32 (summed under autocast, each product would round to bfloat16 and the quadratic forms of the
+    errors would not even stay positive)."""
+    model = tiny_model("llama", seed=3)
+    ctx = _context_after_removal(model, [2], autocast="on")
+    assert ctx.execution_notes["layer_pass_precision"] == "bfloat16 autocast"
+    cache, adapter = ctx.cache, ctx.adapter
+    layer, kwargs = ctx.layers[1], cache.layer_kwargs[1]
+    seen = {}
+    handle = adapter.down_proj(layer).register_forward_hook(lambda m, a, o: seen.update(z=a[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(cache.h[1], **kwargs)
+    bf16_z = seen["z"].reshape(-1, seen["z"].shape[-1]).double()
+    layer(cache.h[1], **kwargs)
+    handle.remove()
+    fp32_z = seen["z"].reshape(-1, seen["z"].shape[-1]).double()
+    fit, held = collect_stats(cache, 1, layer, kwargs, 3, adapter)
+    gram = fit.xtx + held.xtx
+    torch.testing.assert_close(gram, bf16_z.T @ bf16_z, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(gram, fp32_z.T @ fp32_z, rtol=1e-5, atol=1e-6)
+    _, record = _refit(ctx, 1, 0.05)
+    assert 0 < record["error_after"]["calibration"] < record["error_before"]["calibration"]
+
+
 def _refit(ctx, k, damping):
     ctx.options.refit_damping = damping
     return ctx.refit_candidate(k)

@@ -356,8 +356,9 @@ def test_candidate_losses_under_bfloat16_autocast_only_rank_and_the_plan_says_wh
     bit-identical. auto is on exactly where the device computes bfloat16 natively."""
     from come.engine import precision
 
-    def run(mode):
-        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, search_autocast=mode)
+    def run(mode):  # the layer passes in float32 whatever the device (`autocast`: the next test)
+        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, search_autocast=mode,
+                       autocast="off")
 
     off, on = run("off"), run("on")
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
@@ -374,3 +375,36 @@ def test_candidate_losses_under_bfloat16_autocast_only_rank_and_the_plan_says_wh
                 assert b["loss"] == pytest.approx(a["loss"], rel=2e-2) and b["loss"] != a["loss"]
     for name, tensor in off.model.state_dict().items():
         assert torch.equal(tensor, on.model.state_dict()[name]), name
+
+
+def test_layer_passes_under_bfloat16_autocast_and_the_plan_says_which_ran(monkeypatch):
+    """`autocast`: on runs the boundary passes and the refit statistics' layer passes in bfloat16 autocast, so
+    every activation the search reads moves by its rounding: the losses move, the weights move a little, and on
+    this model the picks stay. auto is on exactly where the device computes bfloat16 natively."""
+    from come.engine import precision
+
+    def run(mode):  # candidate losses in float32: only the layer passes differ
+        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, autocast=mode,
+                       search_autocast="off")
+
+    off, on = run("off"), run("on")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    native = run("auto")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    emulated = run("auto")
+    assert [r.plan["execution"]["layer_pass_precision"] for r in (off, on, native, emulated)] == [
+        "float32", "bfloat16 autocast", "bfloat16 autocast", "float32"]
+    assert native.plan["steps"] == on.plan["steps"] and emulated.plan["steps"] == off.plan["steps"]
+    moved = []
+    for exact, rounded in zip(off.plan["steps"], on.plan["steps"]):
+        assert exact["chosen"]["covers"] == rounded["chosen"]["covers"]
+        for a, b in zip(exact["candidates"], rounded["candidates"]):
+            if a["loss"] is not None:
+                assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+                moved.append(b["loss"] != a["loss"])
+    # A candidate run from the embeddings through an unrefitted layer reads nothing a layer pass made.
+    assert sum(moved) >= len(moved) - 2 > 0
+    exact, rounded = off.model.state_dict(), on.model.state_dict()
+    assert not all(torch.equal(tensor, rounded[name]) for name, tensor in exact.items())
+    for name, tensor in exact.items():
+        torch.testing.assert_close(rounded[name], tensor, rtol=0.05, atol=0.05, msg=name)

@@ -89,16 +89,17 @@ def distill_settings(given: dict) -> dict:
 # stage 2 in float32 (the default is now bfloat16 autocast where the device has it natively).
 DISTILL_BEFORE = {"autocast": "off"}
 # Compression options added after cells were made, likewise: come-search scored every candidate on all its
-# scored sequences before its finalists screen, and in float32 before its candidate losses' autocast.
-COMPRESS_BEFORE = {"search_finalists": 0, "search_finalist_samples": 4, "search_autocast": "off"}
+# scored sequences before its finalists screen, and in float32 before its candidate losses' and layer passes' autocast.
+COMPRESS_BEFORE = {"search_finalists": 0, "search_finalist_samples": 4, "search_autocast": "off", "autocast": "off"}
 
 
 def _compress_before(method: str, options: dict) -> dict:
     """`options` (a cell's resolved options) with the COMPRESS_BEFORE value of every option `method` reads
     that they lack: the cell was made before that option existed."""
+    from ..core.option_defs import SHARED_NAMES
     from ..methods import get_spec
 
-    reads = {o.name for o in get_spec(method).options}
+    reads = {o.name for o in get_spec(method).options} | SHARED_NAMES
     return {**{k: v for k, v in COMPRESS_BEFORE.items() if k in reads}, **options}
 
 

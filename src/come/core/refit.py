@@ -371,7 +371,8 @@ def collect_stats(cache, k: int, layer: nn.Module, kwargs: dict, target_index: i
     try:
         for b0, b1 in cache.batches():
             x = inputs[b0:b1].to(cache.device, cache.compute_dtype)
-            out = layer(x, **kwargs)
+            with cache.layer_precision():  # the layer pass only: the statistics are summed as below in any case
+                out = layer(x, **kwargs)
             out = layer_output(out)
             cache.count_passes(b1 - b0)
             t = teacher[b0:b1].to(cache.device, torch.float32)
@@ -406,7 +407,8 @@ def held_out_span_error(cache, k: int, layer: nn.Module, kwargs: dict, target_in
         if not rows:
             continue
         x = inputs[b0:b1][rows].to(cache.device, cache.compute_dtype)
-        out = layer(x, **kwargs)
+        with cache.layer_precision():
+            out = layer(x, **kwargs)
         out = layer_output(out).double()
         t = teacher[b0:b1][rows].to(out.device, torch.float64)
         num += float((out - t).pow(2).sum())

@@ -160,6 +160,7 @@ class BoundaryCache:
         store: BoundaryStore | None = None,
         loss_kind: str = "ce",
         teacher_store: BoundaryStore | None = None,
+        layer_precision: Callable = nullcontext,
     ):
         self.model = model
         self.adapter = adapter
@@ -172,6 +173,9 @@ class BoundaryCache:
         self.layer_name = layer_name or (lambda k: f"layer {k}")
         self.device = self.layers.device
         self.compute_dtype = self.layers.dtype
+        # The context every pass of a layer over the calibration set runs in (`run_layer`, the refit
+        # statistics): bfloat16 autocast or nothing. What-if losses choose their own (the search's).
+        self.layer_precision = layer_precision
         self.layers_run = 0  # counts decoder-layer passes over the whole set (for benchmarks)
         # Every decoder-layer pass (boundary updates, what-if losses, refits) in whole-set equivalents.
         self.layer_passes = 0.0
@@ -213,7 +217,8 @@ class BoundaryCache:
     @torch.no_grad()
     def run_layer(self, k: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[k]
-        out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
+        with self.layer_precision():
+            out = layer(x.to(self.device, self.compute_dtype), **self.layer_kwargs[k])
         return layer_output(out)
 
     def replace_kwargs(self, start: int, size: int, source: int) -> None:

@@ -19,6 +19,7 @@ from ..methods import DEFAULT_METHOD
 from . import models as models_mod
 from .models import LoadedModel, count_parameters, parse_dtype
 from .options import CompressionOptions, resolve_options
+from .precision import autocast_context, uses_autocast
 
 
 # -- targets ----------------------------------------------------------------
@@ -101,6 +102,10 @@ class CompressionContext:
     @property
     def cache(self) -> BoundaryCache:
         if self._cache is None:
+            # `autocast` matters only to a float32 model: a bfloat16 or float16 one computes in its own precision.
+            dtype = self.layers.dtype
+            on = dtype == torch.float32 and uses_autocast(self.layers.device, self.options.autocast)
+            self.execution_notes["layer_pass_precision"] = "bfloat16 autocast" if on else str(dtype).removeprefix("torch.")
             self._cache = BoundaryCache(
                 self.model,
                 self.adapter,
@@ -113,6 +118,7 @@ class CompressionContext:
                 store=self.store,
                 loss_kind=self.options.search_loss,
                 teacher_store=self.teacher_store,
+                layer_precision=autocast_context(self.layers.device, "on" if on else "off"),
             )
         return self._cache
 

@@ -1,4 +1,4 @@
-"""bfloat16 autocast where the device computes bfloat16 natively, shared by the search and distillation.
+"""bfloat16 autocast where the device computes bfloat16 natively, shared by compression and distillation.
 
 `auto` turns it on only there: elsewhere bfloat16 matrix products are emulated and slower than float32.
 """

@@ -23,7 +23,7 @@ from .come_p import candidate_ratios
 # Options that change what a step computes: they must be the plan's. (Execution options such as where the
 # activations are kept do not change the result.)
 SAME_AS_PLAN = ("calib", "nsamples", "seqlen", "seed", "batch_size", "norm", "output_norm", "refit",
-                "refit_damping", "activation_dtype")
+                "refit_damping", "activation_dtype", "autocast")
 METHODS = ("come-search", "come", "replay")  # a replayed plan records the operations it applied: it replays too
 
 

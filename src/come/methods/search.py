@@ -32,7 +32,8 @@ the order above), so at every step the chosen operation's loss is no higher
 than that of the best deletion finalist. Every candidate's loss (or screen
 loss) is in the plan's steps. With `search_autocast` (auto: where the device
 computes bfloat16 natively) the loss passes run under bfloat16 autocast: the
-ranking only, since the candidates themselves are built in full precision.
+ranking only, since the candidates themselves are built from the merges, the
+refit statistics and the boundaries (whose layer passes `autocast` sets).
 """
 
 from __future__ import annotations
