@@ -115,12 +115,12 @@ def worker(folder: str, steps: int | None, ratio: float | None, nsamples: int | 
     refit.choose_and_solve = timed("refit_solves", refit.choose_and_solve)
     real_step = search.search_step
 
-    def step(ctx, size, memo=None):
+    def step(ctx, size, *args, **kwargs):  # search_step's own arguments, passed through whatever they are
         bucket = {"layers_before": ctx.num_layers, "passes_before": ctx.cache.layer_passes}
         clock["step"], solves["n"] = bucket, 0
         w, c = time.perf_counter(), time.process_time()
         try:
-            return real_step(ctx, size, memo)
+            return real_step(ctx, size, *args, **kwargs)
         finally:
             bucket.update(seconds=time.perf_counter() - w, cpu_seconds=time.process_time() - c, solves=solves["n"],
                           layer_passes=ctx.cache.layer_passes - bucket.pop("passes_before"))

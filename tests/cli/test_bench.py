@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from come.cli import app
@@ -297,3 +298,20 @@ def test_search_scale_counts_the_screens_passes_and_lm_head_rows(monkeypatch):
     head = 3 * 2.0 * 4 * 10  # one sequence of 3 tokens through a 4 -> 10 head
     assert scale.step_flops(shape, {"losses_calls": 2, "losses_rows": 5}, cell)["passes"] == 5 * head
     assert scale.step_flops(shape, {"losses_calls": 2}, cell)["passes"] == 2 * 4 * head
+
+
+@pytest.mark.slow  # the SmolLM2 tokenizer and the Wikipedia calibration text: the real-model packages
+def test_search_scale_times_every_step_of_a_tiny_synthetic_model(tmp_path):
+    """bench/search_scale.py end to end on a tiny shape: its timing wrapper must pass search_step's arguments
+    through (a new argument of search_step once broke it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "bench" / "search_scale.py"
+    subprocess.run([sys.executable, str(script), "--shapes", "4:64:128:4:2", "--steps", "1", "--nsamples", "4",
+                    "--seqlen", "16", "--workdir", str(tmp_path / "models"), "--results", str(tmp_path / "scale")],
+                   check=True, capture_output=True, timeout=600)
+    (cell,) = (tmp_path / "scale_cells").glob("*.json")
+    steps = json.loads(cell.read_text())["steps"]
+    assert len(steps) == 1 and steps[0]["cpu_seconds"] > 0 and steps[0]["layers_before"] == 4
