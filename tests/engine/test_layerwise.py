@@ -90,6 +90,7 @@ def test_shortgpt_layerwise_single_file_output(tmp_path):
 
 @pytest.mark.parametrize("method,options", [
     ("come-search", {"search_samples": 4}),
+    ("come-search", {"search_samples": 4, "autocast": "on", "search_autocast": "on"}),  # bfloat16 passes as well
     ("replaceme", {}),
     ("replaceme", {"replaceme_objective": "cosine", "replaceme_epochs": 2}),
     ("shortgpt", {"refit": True}),
