@@ -135,3 +135,17 @@ def test_resolved_options_of_replay_take_the_plans(tmp_path):
     assert resolved["refit"] is True and resolved["nsamples"] == 128 and resolved["replay_plan"] == str(path)
     with pytest.raises(MergeError, match="--nsamples 128"):
         resolved_for("replay", {"replay_plan": str(path), "nsamples": 32})
+
+
+def test_a_replay_computes_in_the_precision_the_plan_ran_in(tmp_path):
+    """A plan made with `autocast: auto` records what auto meant there (its execution record): a replay takes that,
+    not what auto means on the replaying device."""
+    from come.engine.options import resolved_for
+
+    for ran, expected in (("bfloat16 autocast", "on"), ("float32", "off")):
+        plan = {"method": "come-search", "steps": [], "options": {"autocast": "auto"},
+                "execution": {"layer_pass_precision": ran}}
+        path = _plan_file(tmp_path, plan)
+        assert resolved_for("replay", {"replay_plan": str(path)})["autocast"] == expected
+    with pytest.raises(MergeError, match="--autocast off"):
+        resolved_for("replay", {"replay_plan": str(path), "autocast": "on"})

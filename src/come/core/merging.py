@@ -11,6 +11,7 @@ the sources now run side by side instead of one after another.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -195,11 +196,12 @@ def merge_layers(
 
 
 @torch.no_grad()
-def calibrate_output_norms(adapter: Adapter, layer: nn.Module, batches) -> dict[str, float]:
+def calibrate_output_norms(adapter: Adapter, layer: nn.Module, batches, precision=nullcontext) -> dict[str, float]:
     """Set each output norm of a merged layer to the mean RMS of what it normalises, measured on
     calibration inputs, so that it hands the residual stream the sum of the sources' normalised outputs
     at their usual size (instead of rescaling it to RMS 1). `batches()` yields (input, layer kwargs).
-    One pass per output norm, in order, since the FFN's input depends on the calibrated attention."""
+    One pass per output norm, in order, since the FFN's input depends on the calibrated attention; each
+    pass inside `precision()` (the cache's layer precision), the sums in float32."""
     scales: dict[str, float] = {}
     for norm_name in adapter.output_norms:
         module = layer.get_submodule(norm_name)
@@ -214,7 +216,8 @@ def calibrate_output_norms(adapter: Adapter, layer: nn.Module, batches) -> dict[
         handle = module.register_forward_pre_hook(hook)
         try:
             for x, kwargs in batches():
-                layer(x, **kwargs)
+                with precision():
+                    layer(x, **kwargs)
         finally:
             handle.remove()
         scales[norm_name] = total / max(count, 1)

@@ -88,10 +88,11 @@ SHARED: tuple[Option, ...] = (
     Option("activation_dtype", Literal["float32", "bfloat16", "float16"], "float32",
            "Calibration activations: float32 | bfloat16 | float16 (scores stay float32)."),
     Option("autocast", Literal["auto", "on", "off"], "off",
-           "The method's layer passes over the calibration set (the boundaries, the refit statistics' layer "
-           "passes) under bfloat16 autocast: auto (where the device computes bfloat16 natively: a CPU with AMX "
-           "or AVX512-BF16, a GPU) | on | off. Weights, merges, statistics and solves keep their precision, "
-           "but the activations they read round as bfloat16 does, so picks and weights may differ slightly."),
+           "A float32 model's layer passes over the calibration set (the boundaries, the refit statistics' "
+           "and output norms' layer passes; not loss searches) under bfloat16 autocast: auto (where the device "
+           "computes bfloat16 natively: a CPU with AMX or AVX512-BF16, a GPU) | on | off. Weights, merges, "
+           "statistics and solves keep their precision, but the activations they read round as bfloat16 "
+           "does, so picks and weights may differ slightly."),
     Option("activation_storage", Literal["auto", "ram", "disk"], "auto",
            "Activations: ram | disk | auto (disk if over half of free memory). With ram, the original model's "
            "activations that a step replaces (refit targets) move to disk. Layer-wise, merged layers go to disk "

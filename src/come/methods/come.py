@@ -85,7 +85,8 @@ def merge_with_ratios(ctx, start: int, size: int, ratios: list[float], sensitivi
         batches = lambda: ((cache.boundary(start)[b0:b1].to(cache.device, cache.compute_dtype), kwargs)
                            for b0, b1 in cache.batches())
         record["output_norms"] = {"source_scales": output_scales,
-                                  "merged_scale": calibrate_output_norms(adapter, merged, batches)}
+                                  "merged_scale": calibrate_output_norms(adapter, merged, batches,
+                                                                        cache.layer_precision)}
     return merged, record
 
 

@@ -46,7 +46,8 @@ def ffn_parts(cache, adapter, k: int, layer, kwargs):
     handle = adapter.down_proj(layer).register_forward_hook(lambda mod, args, out: captured.__setitem__("m", out))
     try:
         for b0, b1 in cache.batches():
-            out = layer(cache.boundary(k)[b0:b1].to(cache.device, cache.compute_dtype), **kwargs)
+            with cache.layer_precision():
+                out = layer(cache.boundary(k)[b0:b1].to(cache.device, cache.compute_dtype), **kwargs)
             out = layer_output(out)
             cache.count_passes(b1 - b0)
             yield (b0, b1), captured["m"], out - captured["m"]

@@ -49,9 +49,19 @@ def plan_defaults(options) -> dict:
     path = options.get("replay_plan")
     if not path:
         return {}
-    recorded = read_plan(path).get("options") or {}
+    recorded = recorded_options(read_plan(path))
     _refuse_differences(recorded, {k: v for k, v in options.items() if v is not None})
     return {name: recorded[name] for name in SAME_AS_PLAN if name in recorded}
+
+
+def recorded_options(plan: dict) -> dict:
+    """The plan's options, with `autocast: auto` replaced by what it resolved to where the plan was made (its
+    execution record): a replay on a device without native bfloat16 then computes as the plan's did."""
+    recorded = dict(plan.get("options") or {})
+    ran = (plan.get("execution") or {}).get("layer_pass_precision")
+    if recorded.get("autocast") == "auto" and ran is not None:
+        recorded["autocast"] = "on" if ran == "bfloat16 autocast" else "off"
+    return recorded
 
 
 def _refuse_differences(recorded: dict, values: dict) -> None:
@@ -74,7 +84,7 @@ def check_compatible(ctx, plan: dict, target_layers: int) -> None:
     if plan.get("final_layers") != target_layers:
         raise MergeError(f"--replay-plan: the plan ends at {plan.get('final_layers')} layers, this run's target is "
                          f"{target_layers}: pass --target-layers {plan.get('final_layers')}")
-    _refuse_differences(plan.get("options") or {}, {n: getattr(ctx.options, n) for n in SAME_AS_PLAN})
+    _refuse_differences(recorded_options(plan), {n: getattr(ctx.options, n) for n in SAME_AS_PLAN})
 
 
 def _cli_value(value) -> str:
