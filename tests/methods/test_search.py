@@ -350,24 +350,31 @@ def test_the_default_keeps_bfloat16_activations_and_scores_as_float32_does():
                 assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["loss"] != a["loss"]
 
 
-def test_candidate_losses_under_bfloat16_autocast_only_rank_and_the_plan_says_which_ran(monkeypatch):
-    """`search_autocast`: on runs the candidates' loss passes in bfloat16 autocast, so their losses move by its
-    rounding; merges, refits and the calibration pass stay float32, so with the same picks the model is
-    bit-identical. auto is on exactly where the device computes bfloat16 natively."""
+def _off_on_and_auto(run, note, monkeypatch):
+    """(off, on) runs of `run(mode)`, after checking that the plan notes the precision of each as `note` and that
+    auto is on exactly where the device computes bfloat16 natively."""
     from come.engine import precision
-
-    def run(mode):  # the layer passes in float32 whatever the device (`autocast`: the next test)
-        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, search_autocast=mode,
-                       autocast="off")
 
     off, on = run("off"), run("on")
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     native = run("auto")
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     emulated = run("auto")
-    assert [r.plan["execution"]["search_loss_precision"] for r in (off, on, native, emulated)] == [
+    assert [r.plan["execution"][note] for r in (off, on, native, emulated)] == [
         "float32", "bfloat16 autocast", "bfloat16 autocast", "float32"]
     assert native.plan["steps"] == on.plan["steps"] and emulated.plan["steps"] == off.plan["steps"]
+    return off, on
+
+
+def test_candidate_losses_under_bfloat16_autocast_only_rank_and_the_plan_says_which_ran(monkeypatch):
+    """`search_autocast`: on runs the candidates' loss passes in bfloat16 autocast, so their losses move by its
+    rounding; merges, refits and the calibration pass stay float32, so with the same picks the model is
+    bit-identical. auto is on exactly where the device computes bfloat16 natively."""
+    def run(mode):  # the layer passes in float32 whatever the device (`autocast`: the next test)
+        return _search(tiny_model("llama", seed=10, num_hidden_layers=8), 6, search_samples=SAMPLES, search_autocast=mode,
+                       autocast="off")
+
+    off, on = _off_on_and_auto(run, "search_loss_precision", monkeypatch)
     for exact, rounded in zip(off.plan["steps"], on.plan["steps"]):
         assert exact["chosen"]["covers"] == rounded["chosen"]["covers"]
         for a, b in zip(exact["candidates"], rounded["candidates"]):
@@ -382,20 +389,11 @@ def test_layer_passes_under_bfloat16_autocast_and_the_plan_says_which_ran(family
     """`autocast`: on runs the boundary passes and the refit statistics' layer passes in bfloat16 autocast, so
     every activation the search reads moves by its rounding: the losses move, the weights move a little, and on
     this model the picks stay. auto is on exactly where the device computes bfloat16 natively."""
-    from come.engine import precision
-
     def run(mode):  # candidate losses in float32: only the layer passes differ
         return _search(tiny_model(family, seed=seed, num_hidden_layers=8), 6, search_samples=SAMPLES, autocast=mode,
                        search_autocast="off")
 
-    off, on = run("off"), run("on")
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
-    native = run("auto")
-    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
-    emulated = run("auto")
-    assert [r.plan["execution"]["layer_pass_precision"] for r in (off, on, native, emulated)] == [
-        "float32", "bfloat16 autocast", "bfloat16 autocast", "float32"]
-    assert native.plan["steps"] == on.plan["steps"] and emulated.plan["steps"] == off.plan["steps"]
+    off, on = _off_on_and_auto(run, "layer_pass_precision", monkeypatch)
     moved = []
     for exact, rounded in zip(off.plan["steps"], on.plan["steps"]):
         assert exact["chosen"]["covers"] == rounded["chosen"]["covers"]

@@ -103,9 +103,7 @@ class CompressionContext:
     def cache(self) -> BoundaryCache:
         if self._cache is None:
             # `autocast` matters only to a float32 model: a bfloat16 or float16 one computes in its own precision.
-            dtype = self.layers.dtype
-            on = dtype == torch.float32 and uses_autocast(self.layers.device, self.options.autocast)
-            self.execution_notes["layer_pass_precision"] = "bfloat16 autocast" if on else str(dtype).removeprefix("torch.")
+            layer_precision = self.autocast(self.options.autocast, "layer_pass_precision", float32_only=True)
             self._cache = BoundaryCache(
                 self.model,
                 self.adapter,
@@ -118,9 +116,17 @@ class CompressionContext:
                 store=self.store,
                 loss_kind=self.options.search_loss,
                 teacher_store=self.teacher_store,
-                layer_precision=autocast_context(self.layers.device, "on" if on else "off"),
+                layer_precision=layer_precision,
             )
         return self._cache
+
+    def autocast(self, mode: str, note: str, float32_only: bool = False):
+        """The context factory of passes run with autocast `mode` (auto | on | off; with `float32_only`, off for a
+        model that is not float32), the precision it means noted in the plan's execution record as `note`."""
+        dtype = self.layers.dtype
+        on = uses_autocast(self.layers.device, mode) and (dtype == torch.float32 or not float32_only)
+        self.execution_notes[note] = "bfloat16 autocast" if on else str(dtype).removeprefix("torch.")
+        return autocast_context(self.layers.device, "on" if on else "off")
 
     def pass_counts(self) -> dict:
         """Decoder-layer passes so far: boundary updates (`layers_run`) and every pass, what-if losses and

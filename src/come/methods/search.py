@@ -43,7 +43,6 @@ from contextlib import nullcontext
 from tqdm.auto import tqdm
 
 from ..core.scoring import mean_loss
-from ..engine.precision import autocast_context, uses_autocast
 from ..errors import MergeError
 from .come import bi_ratios, merge_with_ratios
 from .come_p import candidate_ratios
@@ -167,9 +166,7 @@ def _window_key(ctx, kind: str, positions, extra=()) -> tuple:
 
 def loss_precision(ctx):
     """The context factory of the candidate losses (`search_autocast`), noted in the plan's execution record."""
-    on = uses_autocast(ctx.cache.device, ctx.options.search_autocast)
-    ctx.execution_notes["search_loss_precision"] = "bfloat16 autocast" if on else str(ctx.layers.dtype).removeprefix("torch.")
-    return autocast_context(ctx.cache.device, "on" if on else "off")
+    return ctx.autocast(ctx.options.search_autocast, "search_loss_precision")
 
 
 def search_step(ctx, size: int, memo: _Memo | None = None, precision=None) -> dict:
