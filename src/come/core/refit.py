@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import ComeError
-from .scoring import layer_output
+from .scoring import all_finite, layer_output
 
 # Damping grid, relative to the mean diagonal of Z^T Z; "auto" and "grid" pick from it on held-out sequences.
 DAMPING_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
@@ -64,8 +64,8 @@ class RidgeStats:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.device, dtype)
         y = y.reshape(-1, y.shape[-1]).to(self.xtx.device, dtype)
-        self.xtx += _gram(x).double()
-        self.xty += (x.T @ y).double()
+        self.xtx += _gram(x)  # promoted to float64 in the add: the same sums as adding a float64 copy
+        self.xty += x.T @ y
         self.yty += float(y.double().pow(2).sum())
         if teacher is not None:
             self.tty += float(teacher.double().pow(2).sum())
@@ -424,7 +424,7 @@ def refit_layer(cache, k: int, layer: nn.Module, kwargs: dict, target_index: int
     `start`: where the damping walk begins (`choose_and_solve`)."""
     fit, held = collect_stats(cache, k, layer, kwargs, target_index, adapter)
     down = adapter.down_proj(layer)
-    if not all(torch.isfinite(t).all() for t in (fit.xtx, fit.xty, held.xtx, held.xty)):
+    if not all(all_finite(t) for t in (fit.xtx, fit.xty, held.xtx, held.xty)):
         # The layer's own output overflows on these inputs: nothing to fit, keep it as it is.
         return layer, {"target": "down_proj", "applied": False, "note": "non-finite activations: not refitted",
                        "error_before": {"calibration": float("nan")}, "error_after": {"calibration": float("nan")}}

@@ -87,6 +87,14 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
     return states[0], kwargs
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """`torch.isfinite(t).all()`, mostly from one sum instead of a boolean copy of `t`: a NaN or an infinity
+    makes the sum non-finite, so a finite sum proves every entry finite; a sum that overflows from finite
+    entries takes the full check."""
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
+
+
 def mean_loss(parts: tuple[float, int]) -> float:
     """Per-token loss from (sum, count). A stack whose output overflows (NaN/Inf) scores +inf, so no
     search prefers it to a finite one (min() over a list holding NaN depends on its position); plans
@@ -184,6 +192,11 @@ class BoundaryCache:
         # {k: {"o": sum |x| over the calibration tokens entering layer k's o_proj, "down": likewise for
         # down_proj}}, gathered while the boundaries are computed: channel sensitivities without a layer pass.
         self.activation_sums: dict[int, dict[str, torch.Tensor]] = {}
+        # Scores of boundaries no operation has changed since, kept until `_drop_from` drops a boundary they
+        # read: the search asks for every layer's at every step, and most layers lie before the change.
+        self._block_influence: dict[int, float] = {}  # l -> BI of layer l (reads h_l and h_{l+1})
+        self._skip_errors: dict[tuple[int, int], float] = {}  # (k, target index) -> skip_error (reads h_k)
+        self._teacher_norms: dict[int, float] = {}  # target index -> sum ||T||^2 (the teacher never changes)
 
         # Layer kwargs depend only on the sequence shape (no padding in
         # calibration), so one single-sequence capture serves every batch.
@@ -245,6 +258,8 @@ class BoundaryCache:
                     self.teacher[i] = moved
         del self.h[start + 1 :]
         self.activation_sums = {k: v for k, v in self.activation_sums.items() if k < start}
+        self._block_influence = {l: v for l, v in self._block_influence.items() if l < start}
+        self._skip_errors = {key: v for key, v in self._skip_errors.items() if key[0] <= start}
 
     def ensure_fresh(self) -> None:
         if len(self.h) < self.num_layers + 1:
@@ -276,7 +291,7 @@ class BoundaryCache:
             with self._summing_activations(k) as sums:
                 for b0, b1 in self.batches():
                     y = self.run_layer(k, self.h[k][b0:b1])
-                    if not torch.isfinite(y).all():
+                    if not all_finite(y):
                         raise NonFiniteActivations(
                             f"non-finite activations (NaN/Inf) at the output of {self.layer_name(k)}"
                         )
@@ -402,11 +417,13 @@ class BoundaryCache:
         self.ensure_fresh()
         scores = []
         for l in range(self.num_layers):
-            total = 0.0
-            for b0, b1 in self.batches():
-                cos = self._cosine(self.h[l][b0:b1], self.h[l + 1][b0:b1])
-                total += (1 - cos.clamp(0, 1)).double().sum().item()
-            scores.append(total / (self.tokens.numel()))
+            if l not in self._block_influence:
+                total = 0.0
+                for b0, b1 in self.batches():
+                    cos = self._cosine(self.h[l][b0:b1], self.h[l + 1][b0:b1])
+                    total += (1 - cos.clamp(0, 1)).double().sum().item()
+                self._block_influence[l] = total / (self.tokens.numel())
+            scores.append(self._block_influence[l])
         return torch.tensor(scores, dtype=torch.float64)
 
     def skip_error(self, k: int, target_index: int) -> float:
@@ -414,13 +431,18 @@ class BoundaryCache:
         current model is from the original at the end of layer k's span if layer k is skipped (the
         owner of its span then outputs h_k). Computed from the cache alone, no layer pass."""
         self.boundary(k)
-        num = den = 0.0
         teacher = self.teacher_boundary(target_index)
-        for b0, b1 in self.batches():
-            t = teacher[b0:b1].double()
-            num += float((self.h[k][b0:b1].double() - t).pow(2).sum())
-            den += float(t.pow(2).sum())
-        return num / max(den, 1e-30)
+        if (k, target_index) not in self._skip_errors:
+            num, den, known = 0.0, 0.0, target_index in self._teacher_norms
+            for b0, b1 in self.batches():
+                t = teacher[b0:b1].double()
+                num += float((self.h[k][b0:b1].double() - t).pow(2).sum())
+                if not known:
+                    den += float(t.pow(2).sum())
+            if not known:
+                self._teacher_norms[target_index] = den
+            self._skip_errors[(k, target_index)] = num / max(self._teacher_norms[target_index], 1e-30)
+        return self._skip_errors[(k, target_index)]
 
     def window_distance(self, size: int, all_tokens: bool = False) -> torch.Tensor:
         """SBI_i = arccos(clamp(cos(h_i, h_{i+size}), -1, 1)) / pi for every window start i."""
@@ -472,7 +494,7 @@ class BoundaryCache:
 
         def accumulate(name):
             def hook(module, args):
-                x = args[0].detach().float().abs()
+                x = args[0].detach().abs().float()  # the same values as .float().abs(), half the traffic in bfloat16
                 sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).sum(0).double()
             return hook
 
