@@ -86,6 +86,57 @@ def test_sensitivities_from_the_boundary_pass_equal_a_pass_of_their_own_and_foll
 
 
 @torch.no_grad()
+def test_kept_scores_equal_fresh_ones_and_follow_changes():
+    """Block influence and skip errors are kept between calls; after a change, those reading a changed boundary
+    are computed again (a stale one would differ from the fresh value) and the others are the same floats."""
+    import copy
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    adapter = adapter_for(model.config)
+    cache = BoundaryCache(model, adapter, tiny_tokens(), batch_size=3, progress=False)
+
+    def fresh():  # what the cache computes with nothing kept
+        kept = cache._block_influence, cache._skip_errors, cache._teacher_norms
+        cache._block_influence, cache._skip_errors, cache._teacher_norms = {}, {}, {}
+        try:
+            return cache.block_influence(), [cache.skip_error(k, k + 1) for k in range(6)]
+        finally:
+            cache._block_influence, cache._skip_errors, cache._teacher_norms = kept
+
+    def kept():
+        return cache.block_influence(), [cache.skip_error(k, k + 1) for k in range(6)]
+
+    before = kept()
+    assert torch.equal(before[0], fresh()[0]) and before[1] == fresh()[1]
+    assert sorted(cache._block_influence) == list(range(6)) and len(cache._skip_errors) == 6
+    layers = adapter.layers(model)
+    new_layer = copy.deepcopy(layers[3])
+    new_layer.mlp.up_proj.weight.mul_(2)
+    layers[3] = new_layer
+    cache.invalidate_from(3)  # h_4.. change: BI of layers 3.. and skip errors of layers 4.. are dropped
+    assert sorted(cache._block_influence) == [0, 1, 2]
+    assert sorted(k for k, _ in cache._skip_errors) == [0, 1, 2, 3]
+    after = kept()
+    assert torch.equal(after[0], fresh()[0]) and after[1] == fresh()[1]
+    assert [a == b for a, b in zip(after[0].tolist(), before[0].tolist())] == [True] * 3 + [False] * 3
+    assert [a == b for a, b in zip(after[1], before[1])] == [True] * 4 + [False] * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_isfinite_all(dtype):
+    from come.core.scoring import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [torch.ones(4, 5), torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 1.0]),
+             torch.tensor([float("-inf"), 2.0]), torch.tensor([float("inf"), float("-inf")]),
+             torch.tensor([big, big, -1.0], dtype=torch.float64)]  # finite entries whose sum overflows
+    for case in cases:
+        t = case.to(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t).all())
+    assert all_finite(torch.tensor([big, big], dtype=dtype))
+
+
+@torch.no_grad()
 def test_non_finite_activation_names_the_layer():
     model = tiny_model("llama")
     adapter_for(model.config).layers(model)[4].mlp.down_proj.weight[0, 0] = float("nan")
