@@ -7,7 +7,7 @@ import torch
 
 from come.core.adapters import adapter_for
 from come.core.scoring import BoundaryCache
-from come.errors import NonFiniteActivations
+from come.errors import ComeError, NonFiniteActivations
 from come.testing import tiny_model, tiny_tokens
 
 
@@ -120,6 +120,10 @@ def test_kept_scores_equal_fresh_ones_and_follow_changes():
     assert torch.equal(after[0], fresh()[0]) and after[1] == fresh()[1]
     assert [a == b for a, b in zip(after[0].tolist(), before[0].tolist())] == [True] * 3 + [False] * 3
     assert [a == b for a, b in zip(after[1], before[1])] == [True] * 4 + [False] * 2
+    # A kept skip error still refuses a target whose original boundary was released, as a fresh one does.
+    cache.release_teacher([[2, 3, 4]])
+    with pytest.raises(ComeError, match="released"):
+        cache.skip_error(2, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
