@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.adapters import adapter_for
-from ..core.scoring import capture_boundaries, capture_layer_inputs, layer_output
+from ..core.scoring import all_finite, capture_boundaries, capture_layer_inputs, layer_output
 from ..engine.models import DTYPES
 from ..errors import NonFiniteActivations
 from ..outputs import atomic_folder, write_json_atomic
@@ -34,7 +34,7 @@ def _build_cache(teacher, adapter, tokens: torch.Tensor, boundaries: set[int], o
         for c, b0 in enumerate(tqdm(starts, desc="teacher cache", unit="chunk", disable=not o.progress, leave=False)):
             states, _ = capture_boundaries(teacher, adapter, tokens[b0 : b0 + o.batch_size].to(device), boundaries)
             for b, h in states.items():
-                if not torch.isfinite(h).all():
+                if not all_finite(h):
                     raise NonFiniteActivations(f"the teacher has non-finite hidden states (NaN/Inf) at layer boundary {b}; try --dtype float32")
                 save_file({"h": h.to(dtype).cpu().contiguous()}, _cache_file(tmp, b, c))
         write_json_atomic(tmp / "manifest.json", {"boundaries": sorted(boundaries), "chunks": len(starts), "dtype": o.cache_dtype})
