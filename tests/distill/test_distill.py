@@ -524,3 +524,18 @@ def test_time_budget_errors_come_before_any_work(setup, tmp_path):
         with pytest.raises(DistillError, match="--time-budget must be a positive number of minutes"):
             distill(compressed, tmp_path / "out", teacher=teacher_dir, tokens=TRAIN, time_budget=bad, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@torch.no_grad()
+def test_a_teacher_with_non_finite_states_is_refused_and_leaves_no_cache(tmp_path):
+    from come.core.adapters import adapter_for
+    from come.distill.cache import _build_cache
+    from come.distill.options import DistillOptions
+    from come.errors import NonFiniteActivations
+
+    teacher = tiny_model("llama")
+    adapter_for(teacher.config).layers(teacher)[2].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivations, match="boundary 3"):
+        _build_cache(teacher, adapter_for(teacher.config), tiny_tokens(), {1, 3}, DistillOptions(progress=False),
+                     tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
